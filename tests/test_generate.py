@@ -1,0 +1,220 @@
+"""generate.py: the decode loop against Hugging Face, batching, sampling, stopping, streaming, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+from conftest import ROOT, make_hf_model, save_hf_model
+from convert_checkpoint import convert
+from generate import TextStream, generate, load_model
+from tokenizer import get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = make_hf_model("gqa", seed=5)
+    src = save_hf_model(hf, tmp_path_factory.mktemp("hf") / "gqa")
+    out = tmp_path_factory.mktemp("ckpt") / "gqa"
+    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    model = load_model(str(out))
+    model.setup_caches(max_batch_size=3, max_seq_length=96)
+    return hf, model, str(out)
+
+
+def run(model, prompt, n, **kw):
+    return list(generate(model, prompt, n, **kw))
+
+
+def test_greedy_equals_hugging_face_generate(tiny):
+    hf, model, _ = tiny
+    prompt = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 12:].tolist()
+    assert run(model, prompt, 32) == expected
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny):
+    _, model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 17, 9)]
+    alone = [run(model, p, 20) for p in prompts]
+    steps = run(model, prompts, 20)
+    assert [[step[i] for step in steps] for i in range(3)] == alone
+
+
+def test_eos_ends_generation_and_is_yielded(tiny):
+    _, model, _ = tiny
+    prompt = [5, 6, 7, 8]
+    free = run(model, prompt, 30)
+    eos = free[6]
+    first = free.index(eos)
+    assert run(model, prompt, 30, eos_ids={eos}) == free[:first + 1]
+    # in a batch, a finished row yields None while the others go on
+    steps = run(model, [prompt, [9, 10, 11]], 30, eos_ids={eos})
+    assert [s[0] for s in steps][:first + 1] == free[:first + 1]
+    assert all(s[0] is None for s in steps[first + 1:])
+
+
+def test_top_k_1_equals_greedy(tiny):
+    _, model, _ = tiny
+    prompt = [1, 2, 3, 4, 5]
+    assert run(model, prompt, 16, temperature=1.0, top_k=1) == run(model, prompt, 16)
+    # a tiny top_p keeps only the most likely token: greedy again
+    assert run(model, prompt, 16, temperature=1.0, top_p=1e-6) == run(model, prompt, 16)
+
+
+def test_same_seed_same_samples(tiny):
+    _, model, _ = tiny
+    prompt = [3, 1, 4, 1, 5]
+    torch.manual_seed(42)
+    a = run(model, prompt, 24, temperature=1.0, top_k=50, top_p=0.95)
+    torch.manual_seed(42)
+    b = run(model, prompt, 24, temperature=1.0, top_k=50, top_p=0.95)
+    torch.manual_seed(43)
+    c = run(model, prompt, 24, temperature=1.0, top_k=50, top_p=0.95)
+    assert a == b and a != c
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    torch.manual_seed(0)
+    draws = torch.stack([G.sample(logits, temperature=1.0) for _ in range(20000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    torch.testing.assert_close(freq, logits.softmax(-1)[0], atol=0.015, rtol=0)
+    draws = torch.stack([G.sample(logits, temperature=1.0, top_k=2) for _ in range(4000)]).flatten()
+    assert set(draws.tolist()) == {1, 2}
+    # top_p 0.8: 2 (0.64) alone is short of 0.8, so 1 (0.24) is kept too, and nothing else
+    draws = torch.stack([G.sample(logits, temperature=1.0, top_p=0.8) for _ in range(4000)]).flatten()
+    assert set(draws.tolist()) == {1, 2}
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
+    class Bytes:  # decodes ids as UTF-8 bytes, the way byte-level BPE decoders do
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "café 🙂 then STOP here"
+    ids = list(text.encode())
+    stream = TextStream(Bytes(), stop_strings=["STOP"])
+    pieces = []
+    for i in ids:
+        pieces.append(stream.add(i))
+        assert "\ufffd" not in pieces[-1] and "S" not in pieces[-1]
+        if stream.stopped:
+            break
+    pieces.append(stream.flush())
+    assert "".join(pieces) == "café 🙂 then " == stream.text
+
+
+def test_streamed_text_equals_whole_decode(default_checkpoint):
+    tok = get_tokenizer(default_checkpoint)
+    text = "Streaming: naïve café, 日本語, emoji 🙂👍🏽, code `x ** 2`."
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    streamed = "".join(stream.add(i) for i in ids) + stream.flush()
+    assert streamed == tok.decode(ids) == text
+
+
+def test_compiled_decode_equals_eager(tiny, monkeypatch):
+    _, model, _ = tiny
+    prompt = [7, 3, 9, 2]
+    eager = run(model, prompt, 12)
+    monkeypatch.setattr(G, "decode_step", G.decode_step)  # restored after the test
+    G.compile_steps(mode="default")
+    assert run(model, prompt, 12) == eager
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True,
+                          text=True, input=stdin, cwd=ROOT, timeout=600)
+
+
+def test_json_records_for_a_batch(tiny):
+    _, _, ckpt = tiny
+    r = cli("--checkpoint", ckpt, "--prompt", "ab", "--prompt", "alongerprompt", "--max-new-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(records) == 2
+    keys = {"text", "checkpoint", "prompt_tokens", "generated_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s",
+            "bandwidth_gb_s", "peak_memory_gb", "compile_s"}
+    assert all(keys <= set(rec) for rec in records)
+    assert [rec["prompt_tokens"] for rec in records] == [2, 13]
+    assert all(rec["generated_tokens"] == 5 and rec["decode_tok_s"] > 0 for rec in records)
+    assert "decode" in r.stderr and "GB/s" in r.stderr  # the benchmark report
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path):
+    _, _, ckpt = tiny
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(ckpt, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-500])
+    config = json.loads((broken / "config.json").read_text())
+    del config["n_heads"]
+    (broken / "config.json").write_text(json.dumps(config))
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope")], "no such checkpoint directory"),
+        (["--checkpoint", str(truncated)], "model.safetensors: truncated or corrupt"),
+        (["--checkpoint", str(broken)], "config.json: missing field(s) n_heads"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0"),
+        (["--dtype", "float8"], "unknown dtype 'float8'"),
+        (["--prompt", "word " * 300], "exceeds the model's context of 256 tokens"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "device cuda is not available"))
+    for args, message in cases:
+        full = (["--checkpoint", ckpt] if "--checkpoint" not in args else []) + (
+            ["--prompt", "hi"] if "--prompt" not in args else []) + args
+        r = cli(*full)
+        assert r.returncode != 0, args
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+        assert r.stdout == ""
+
+
+def test_default_model_answers_paris(default_checkpoint):
+    r = cli("--checkpoint", default_checkpoint, "--chat", "--prompt", "What is the capital of France?",
+            "--max-new-tokens", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in json.loads(r.stdout)["text"]
+
+
+def test_stop_string_ends_the_text(default_checkpoint):
+    r = cli("--checkpoint", default_checkpoint, "--chat", "--prompt", "What is the capital of France?",
+            "--max-new-tokens", "20", "--stop", "Paris")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "The capital of France is \n"
+
+
+def test_interactive_keeps_the_cache_between_turns(default_checkpoint):
+    """The second reply, decoded with the first turn's cache kept, equals a fresh run over the whole chat."""
+    r = cli("--checkpoint", default_checkpoint, "--interactive", "--max-new-tokens", "30",
+            stdin="What is the capital of France?\nAnd of Germany?\n")
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.replace("> ", "").strip().split("\n")[:2]
+    assert "Paris" in first
+    tok = get_tokenizer(default_checkpoint)
+    model = load_model(default_checkpoint)
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
+    prompt = tok.encode_chat(messages)
+    model.setup_caches(1, len(prompt) + 30)
+    ids = []
+    for t in generate(model, prompt, 30, eos_ids=tok.eos_ids):
+        if t in tok.eos_ids:
+            break
+        ids.append(t)
+    assert tok.decode(ids) == second
