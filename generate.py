@@ -91,10 +91,10 @@ def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights a batch-1 decode step reads: every weight once, but only one row of an untied
     embedding (the tied one is read whole, as the output head)."""
     seen, total = set(), 0
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tied weight is one tensor under two names
             continue
-        seen.add(t.data_ptr())
+        seen.add(id(t))
         if name == "tok_embeddings.weight" and not model.args.tie_embeddings:
             total += t[0].numel() * t.element_size()
         else:
@@ -171,11 +171,22 @@ def decode_step(model, token, input_pos, left_pad, temperature, top_k, top_p):
     return sample(logits[:, -1], temperature, top_k, top_p)
 
 
-def compile_steps(mode: Optional[str] = None, prefill_too: bool = False):
+def compile_steps(device: torch.device, prefill_too: bool = False):
     """Compile the decode step (static shapes) and optionally prefill (dynamic shapes)."""
     global decode_step, prefill
-    if mode is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    if device.type == "cpu":
+        # At batch 1 every linear layer is a matrix-vector product, bound by memory. oneDNN's GEMV reads
+        # bfloat16 weights at a third to a half of the machine's bandwidth; Inductor's decompose-mm pass
+        # rewrites such products as multiply-and-sum, which it compiles into a vectorised loop that streams
+        # the weight about twice as fast. Its default size limit (2048) leaves out the largest weight of
+        # all, the output head, hence the raised limit. Set before the first compilation in the process:
+        # the pass reads it when Inductor first loads it.
+        import torch._inductor.config as inductor_config
+        inductor_config.post_grad_fusion_options = {
+            **inductor_config.post_grad_fusion_options,
+            "decompose_mm_pass": {"cpu_max_other_dimension_decomposition": 1 << 20}}
+    # CUDA graphs replay the whole step as one launch: the step's ~300 small kernels cost no host time.
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
     decode_step = torch.compile(decode_step, mode=mode, fullgraph=True)
     if prefill_too:
         prefill = torch.compile(prefill, dynamic=True, fullgraph=True)
@@ -216,20 +227,33 @@ def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperat
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        input_pos = torch.arange(start_pos, start_pos + T, device=device)
-        token = prefill(model, tokens, input_pos, left_pad, temperature, top_k, top_p)
-        pos = start_pos + T
+        token = prefill(model, tokens, torch.arange(start_pos, start_pos + T, device=device), left_pad,
+                        temperature, top_k, top_p)
+        input_pos = torch.tensor([start_pos + T], device=device)
+        cuda = device.type == "cuda"
         for step in range(max_new_tokens):
-            ids = token.tolist()  # the one host transfer per step
+            # Queue the copy of token n to the host, then step n+1, and only then wait for the copy:
+            # the device computes step n+1 while the host yields and prints token n. (When token n ends
+            # the text, step n+1 was queued for nothing; it only wrote a cache slot that is never read.)
+            # The clone takes the token out of the step's output buffer, which a CUDA graph reuses.
+            token = token.clone()
+            token_host = token.to("cpu", non_blocking=cuda)
+            copied = torch.cuda.Event() if cuda else None
+            if copied:
+                copied.record()
+            if step + 1 < max_new_tokens:
+                next_token = decode_step(model, token, input_pos, left_pad, temperature, top_k, top_p)
+                input_pos = input_pos + 1
+            if copied:
+                copied.synchronize()
+            ids = token_host.tolist()  # the one host transfer per step
             if step == 0 and timings is not None:
                 timings["prefill_s"] = time.perf_counter() - t0
             yield ids[0] if single else [None if f else i for i, f in zip(ids, finished)]
             finished = [f or i in eos_ids for i, f in zip(ids, finished)]
-            if all(finished) or step == max_new_tokens - 1:
+            if all(finished) or step + 1 == max_new_tokens:
                 return
-            input_pos = torch.tensor([pos], device=device)
-            token = decode_step(model, token.clone(), input_pos, left_pad, temperature, top_k, top_p)
-            pos += 1
+            token = next_token
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,7 +290,7 @@ class TextStream:
         return delta
 
     def flush(self) -> str:
-        delta = self.text[self.printed:] if not self.stopped else self.text[self.printed:len(self.text)]
+        delta = self.text[self.printed:]
         self.printed = len(self.text)
         return delta
 
@@ -316,6 +340,8 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens whatever comes "
+                                                            "(for benchmarks)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--system", help="system message for --chat and --interactive")
     p.add_argument("--interactive", action="store_true", help="a multi-turn conversation on the terminal")
@@ -360,17 +386,18 @@ def run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, com
     streams = [TextStream(tok, a.stop) for _ in prompts_ids]
     counts = [0] * len(prompts_ids)
     live = not batch and not a.json
+    eos_ids = set() if a.ignore_eos else tok.eos_ids
     timings = {}
     synchronize(device)
     t0 = time.perf_counter()
     for step in generate(model, prompts_ids if batch else prompts_ids[0], a.max_new_tokens,
-                         eos_ids=tok.eos_ids, timings=timings, **sampling):
+                         eos_ids=eos_ids, timings=timings, **sampling):
         step = step if batch else [step]
         for i, token in enumerate(step):
             if token is None or streams[i].stopped:
                 continue
             counts[i] += 1
-            if token in tok.eos_ids:
+            if token in eos_ids:
                 streams[i].stopped = True
                 continue
             delta = streams[i].add(token)
@@ -484,7 +511,7 @@ def main(argv=None):
 
     compile_s = 0.0
     if a.compile or a.compile_prefill:
-        compile_steps(prefill_too=a.compile_prefill)
+        compile_steps(device, prefill_too=a.compile_prefill)
         # Warm up with the real shapes, so that the timed run below measures decoding, not compiling.
         t0 = time.perf_counter()
         warm = prompts_ids if len(prompts_ids) > 1 else (prompts_ids[0] if prompts_ids else [tok.encode("a")[0]])

@@ -147,7 +147,7 @@ class Attention(nn.Module):
         if n_rep > 1:
             mask = mask.repeat(1, 1, n_rep, 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.view(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, q_size)
+        y = y.reshape(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, q_size)
         return self.wo(y)
 
 

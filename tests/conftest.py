@@ -9,6 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 
+from bench import write_byte_tokenizer  # noqa: E402
+
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, rms_norm_eps=1e-6)
 # family -> (transformers config class name, overrides)
@@ -42,22 +44,8 @@ def make_hf_model(family: str, seed: int = 0):
 
 def save_hf_model(model, directory, **kwargs):
     model.save_pretrained(directory, **kwargs)
-    write_byte_tokenizer(directory, model.config.vocab_size)
+    write_byte_tokenizer(directory, model.config.vocab_size)  # a real tokenizer, for complete checkpoints
     return directory
-
-
-def write_byte_tokenizer(directory, vocab_size=128):
-    """A small real tokenizer.json (byte-level BPE over ASCII) so that converted checkpoints are complete."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<|endoftext|>": 0}
-    for ch in sorted(alphabet):
-        if len(vocab) < vocab_size:
-            vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.save(os.path.join(directory, "tokenizer.json"))
 
 
 @pytest.fixture(scope="session")
