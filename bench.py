@@ -81,11 +81,13 @@ def measure_read_bandwidth(device: torch.device) -> float:
 
 def weight_bytes(checkpoint: str, dtype: torch.dtype) -> int:
     """Bytes a batch-1 decode step reads, computed as generate.py does, without loading the weights."""
-    from generate import weight_bytes_per_token
+    from generate import build_on_meta, weight_bytes_per_token
     with open(os.path.join(checkpoint, "config.json")) as f:
-        args = ModelArgs.from_dict(json.load(f))
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype)
+        config = json.load(f)
+    model = build_on_meta(ModelArgs.from_dict(config), config.get("quantization"))
+    for t in model.state_dict(keep_vars=True).values():
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
     return weight_bytes_per_token(model)
 
 

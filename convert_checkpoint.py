@@ -22,6 +22,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -492,6 +493,24 @@ def check_shapes(args: ModelArgs, sd: dict):
             raise ConversionError(f"weight {name} has shape {tuple(w.shape)}, the config implies {expected[short]}")
 
 
+@contextmanager
+def checkpoint_directory(out: str):
+    """Yield a temporary directory beside OUT that becomes OUT when the block completes, and is removed
+    if it fails or is interrupted: nothing half-written ever looks like a checkpoint."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):  # mkdtemp (and safetensors) make files private; a checkpoint is not
+            os.chmod(os.path.join(tmp, name), 0o644)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert(source: str, out: str, dtype=torch.bfloat16, tokenizer=None, max_seq_len=None, progress=True):
     """Convert SOURCE into the checkpoint directory OUT, which must not exist yet."""
     from dataclasses import asdict
@@ -508,21 +527,13 @@ def convert(source: str, out: str, dtype=torch.bfloat16, tokenizer=None, max_seq
     else:
         args, get, write_tokenizer = read_llama2c(source, tokenizer, max_seq_len)
     args.validate()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-    try:
+    with checkpoint_directory(out) as tmp:
         state_dict = build_state_dict(args, get, dtype, progress)
         save_file(state_dict, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         del state_dict
         write_tokenizer(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is not
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return args
 
 

@@ -57,14 +57,16 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
     weights_path = os.path.join(checkpoint_dir, "model.safetensors")
     try:
         with open(config_path) as f:
-            args = ModelArgs.from_dict(json.load(f))
+            config = json.load(f)
+        args = ModelArgs.from_dict(config)
     except FileNotFoundError:
         raise UsageError(f"{config_path}: missing; not a converted checkpoint (see convert_checkpoint.py)")
     except (ValueError, TypeError) as e:  # bad JSON, missing or inconsistent fields
         raise UsageError(f"{config_path}: {e}")
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = {k: v for k, v in model.state_dict().items() if not (args.tie_embeddings and k == "output.weight")}
+    quantization = config.get("quantization")
+    model = build_on_meta(args, quantization)
+    tied = args.tie_embeddings and not quantization
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     state = {}
     try:
         with safe_open(weights_path, framework="pt") as f:
@@ -76,15 +78,31 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
                 if t.shape != meta.shape:
                     raise UsageError(f"{weights_path}: tensor {name} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(meta.shape)}")
-                state[name] = t.to(device=device, dtype=dtype)
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                # A tensor still backed by the memory-mapped file can start at any byte; some CPU
+                # kernels (int8 weight-only matmul) use aligned vector loads and crash on it.
+                state[name] = t.clone() if t.data_ptr() % 64 else t
     except FileNotFoundError:
         raise UsageError(f"{weights_path}: missing")
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UsageError(f"{weights_path}: truncated or corrupt ({e})")
     model.load_state_dict(state, assign=True, strict=False)
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
+    if quantization:
+        import quantize
+        quantize.prepare(model)  # repack for this device's kernels
     return model.eval().requires_grad_(False)
+
+
+def build_on_meta(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
+    """The model with no storage yet; quantized checkpoints get int8 / int4 layers for nn.Linear."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quantization:
+        import quantize
+        quantize.replace_linears(model, quantization)
+    return model
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
@@ -95,7 +113,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
         if id(t) in seen:  # a tied weight is one tensor under two names
             continue
         seen.add(id(t))
-        if name == "tok_embeddings.weight" and not model.args.tie_embeddings:
+        if name == "tok_embeddings.weight" and model.output.weight is not t:
             total += t[0].numel() * t.element_size()
         else:
             total += t.numel() * t.element_size()

@@ -110,7 +110,7 @@ def test_meta_layout_with_two_shards(tmp_path):
     with pytest.raises(ConversionError, match="tokenizer.model"):
         convert(str(src), str(tmp_path / "out"), dtype=torch.float32, progress=False)
     assert not (tmp_path / "out").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".converting")]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".writing")]
     sp_fixture = os.path.join(ROOT, "..", "shared", "fixtures", "llama2-tokenizer.model")
     if os.path.exists(sp_fixture):
         import shutil

@@ -1,0 +1,306 @@
+"""Weight-only int8 and int4 quantization (round-to-nearest or GPTQ) of nimblelm checkpoints.
+
+    python quantize.py --checkpoint DIR --mode int8 --out DIR-int8
+    python quantize.py --checkpoint DIR --mode int4 --groupsize 32 --out DIR-int4
+    python quantize.py --checkpoint DIR --mode int4-gptq --groupsize 64 --calibration text.txt --out DIR-gptq
+
+The output is a checkpoint like any other (safetensors + config.json, which records the scheme under
+"quantization"); generate.py, eval.py and bench.py load it with no extra flag.
+
+- int8: symmetric, one scale per output channel: w = q * scale, q in [-127, 127].
+- int4: asymmetric, one scale and zero point per group of `groupsize` inputs: w = (q - 8) * scale + zero,
+  q in [0, 15], stored two to a byte (even input index in the low nibble).
+- int4-gptq: the same format, with the rounding chosen by GPTQ (Frantar et al., 2022) on calibration text:
+  columns are quantized one at a time and each one's error is spread over the columns not yet quantized,
+  weighted by the inverse Hessian of the layer's inputs.
+
+Every linear layer is quantized, the output head included. When the head is tied to the embedding (the
+default model), the head gets a quantized copy and the embedding stays in the float dtype: a decode step
+reads one row of the embedding but the whole head, so this is where the bytes are.
+
+At load time each layer picks its kernel by device: on the CPU PyTorch's fused weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a dequantize-then-matmul fallback.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("int8", "int4", "int4-gptq")
+
+
+class QuantizationError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The quantized layers, as loaded for inference
+
+
+# The fused CPU kernels are made for decoding (a few rows); for a prompt of many tokens, dequantizing the
+# weight once and using the float matmul is many times faster.
+FUSED_KERNEL_MAX_ROWS = 16
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features, out_features, bias=False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x[..., 0].numel() <= FUSED_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
+                                                   self.scales.to(x.dtype)).reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features, out_features, bias=False, groupsize=32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # [in / groupsize, out, 2]: (scale, zero) per group, the layout PyTorch's int4 kernels take
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
+                                                             dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.register_buffer("packed", None, persistent=False)  # the CPU kernel's layout, made by prepare()
+
+    def prepare(self):
+        """Repack for the device's kernel, once the weights are loaded where they will run."""
+        if self.weight.device.type == "cpu":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
+
+    def forward(self, x):
+        if self.packed is not None and x[..., 0].numel() <= FUSED_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features), self.packed, self.groupsize,
+                self.scales_and_zeros.to(x.dtype)).reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize).to(x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in / 2] bytes -> [out, in] values 0..15."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def dequantize_int4(packed, scales_and_zeros, groupsize):
+    q = unpack_int4(packed).float()
+    out_features = q.shape[0]
+    scale = scales_and_zeros[..., 0].t().repeat_interleave(groupsize, dim=1)  # [out, in]
+    zero = scales_and_zeros[..., 1].t().repeat_interleave(groupsize, dim=1)
+    return ((q - 8) * scale + zero).reshape(out_features, -1)
+
+
+def replace_linears(model: nn.Module, quantization: dict):
+    """Swap every nn.Linear of the model (built on the meta device) for its quantized counterpart."""
+    mode, groupsize = quantization["mode"], quantization.get("groupsize")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                if mode == "int8":
+                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, device="meta")
+                else:
+                    new = Int4Linear(child.in_features, child.out_features, child.bias is not None, groupsize,
+                                     device="meta")
+                setattr(module, child_name, new)
+
+
+def prepare(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.prepare()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizing
+
+
+def quantize_int8(w: torch.Tensor):
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int4_group_params(w: torch.Tensor, groupsize: int):
+    """Per-group (scale, zero) of w [out, in] for values q = round((w - min) / scale) in 0..15."""
+    g = w.float().reshape(w.shape[0], -1, groupsize)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    return scale, lo  # [out, in / groupsize] each
+
+
+def int4_quantize_with(w, scale, lo, groupsize):
+    g = w.float().reshape(w.shape[0], -1, groupsize)
+    return torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(w.shape)
+
+
+def int4_state(q, scale, lo):
+    zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return pack_int4(q), scales_and_zeros
+
+
+def quantize_int4(w: torch.Tensor, groupsize: int):
+    scale, lo = int4_group_params(w, groupsize)
+    return int4_state(int4_quantize_with(w, scale, lo, groupsize), scale, lo)
+
+
+def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, groupsize: int, damp: float = 0.01):
+    """GPTQ for one layer: w [out, in], hessian = 2 X^T X [in, in] of its calibration inputs."""
+    block = max(128, groupsize)  # a multiple of the group size: no group straddles two blocks
+    W = w.float().clone()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0  # inputs never seen: any value does
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+    # Upper Cholesky factor of H^-1: row i holds what quantizing column i does to the later columns.
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    scale = torch.zeros(W.shape[0], W.shape[1] // groupsize, device=W.device)
+    lo = torch.zeros_like(scale)
+    for start in range(0, W.shape[1], block):
+        end = min(start + block, W.shape[1])
+        W1, Err = W[:, start:end].clone(), torch.zeros(W.shape[0], end - start, device=W.device)
+        for i in range(end - start):
+            col = start + i
+            if col % groupsize == 0:  # the group's grid is set from its weights as updated so far
+                s, l = int4_group_params(W1[:, i:i + groupsize], groupsize)
+                scale[:, col // groupsize], lo[:, col // groupsize] = s[:, 0], l[:, 0]
+            s, l = scale[:, col // groupsize], lo[:, col // groupsize]
+            q = torch.round((W1[:, i] - l) / s).clamp(0, 15)
+            Q[:, col] = q
+            err = (W1[:, i] - (q * s + l)) / Hinv[col, col]
+            W1[:, i:] -= err[:, None] * Hinv[col, start + i:end][None, :]
+            Err[:, i] = err
+        W[:, end:] -= Err @ Hinv[start:end, end:]
+    return int4_state(Q, scale, lo)
+
+
+def collect_hessians(model, calibration_ids: torch.Tensor, window: int):
+    """2 X^T X of the inputs of every linear layer, over the calibration tokens in windows."""
+    hessians, counts, hooks = {}, {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(mod, inputs, output, name=name):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                n = counts.get(name, 0)
+                h = hessians.get(name, torch.zeros(x.shape[1], x.shape[1]))
+                h *= n / (n + x.shape[0])
+                hessians[name] = h + (2 / (n + x.shape[0])) * x.t() @ x
+                counts[name] = n + x.shape[0]
+            hooks.append(module.register_forward_hook(hook))
+    model.setup_caches(1, window)
+    with torch.no_grad():
+        for start in range(0, calibration_ids.numel() - 1, window):
+            chunk = calibration_ids[start:start + window][None]
+            model(chunk, torch.arange(chunk.shape[1]))
+    for h in hooks:
+        h.remove()
+    return hessians
+
+
+def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 32, calibration: str = None,
+                        calibration_tokens: int = 4096):
+    from convert_checkpoint import checkpoint_directory
+    from generate import load_model
+    from safetensors.torch import save_file
+    if mode not in MODES:
+        raise QuantizationError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if os.path.exists(out):
+        raise QuantizationError(f"{out} already exists; remove it or choose another --out")
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        config = json.load(f)
+    if "quantization" in config:
+        raise QuantizationError(f"{checkpoint} is already quantized ({config['quantization']['mode']}); "
+                                "quantize the float checkpoint instead")
+    if mode == "int4-gptq" and not calibration:
+        raise QuantizationError("int4-gptq needs --calibration FILE (plain text)")
+    model = load_model(checkpoint, dtype=torch.float32)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if mode != "int8":
+        for name, m in linears.items():
+            if m.in_features % groupsize:
+                raise QuantizationError(f"group size {groupsize} does not divide the input dimension "
+                                        f"{m.in_features} of {name}")
+    hessians = {}
+    if mode == "int4-gptq":
+        from tokenizer import get_tokenizer
+        with open(calibration, encoding="utf-8") as f:
+            ids = get_tokenizer(checkpoint).encode(f.read())[:calibration_tokens]
+        if len(ids) < 256:
+            raise QuantizationError(f"{calibration}: too little text for calibration ({len(ids)} tokens)")
+        hessians = collect_hessians(model, torch.tensor(ids), window=min(512, model.args.max_seq_len))
+    from safetensors import safe_open
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as f:
+        float_dtype = f.get_tensor("norm.weight").dtype  # the rest is kept in the checkpoint's dtype
+    state = {}
+    for name, t in model.state_dict().items():
+        module_name = name.rsplit(".", 1)[0]
+        if module_name in linears and name.endswith(".weight"):
+            continue
+        state[name] = t.to(float_dtype if t.is_floating_point() else t.dtype).contiguous()
+    for i, (name, m) in enumerate(linears.items()):
+        w = m.weight.detach()
+        if mode == "int8":
+            q, scales = quantize_int8(w)
+            state[name + ".weight"], state[name + ".scales"] = q, scales
+        else:
+            packed, sz = (gptq_int4(w, hessians[name], groupsize) if mode == "int4-gptq" and name in hessians
+                          else quantize_int4(w, groupsize))
+            state[name + ".weight"], state[name + ".scales_and_zeros"] = packed, sz
+        print(f"\rquantizing {i + 1}/{len(linears)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    config["quantization"] = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": groupsize,
+                                                                       "method": "gptq" if mode == "int4-gptq" else "rtn"}
+    with checkpoint_directory(out) as tmp:
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for f in os.listdir(checkpoint):
+            if f not in ("model.safetensors", "config.json"):
+                shutil.copy(os.path.join(checkpoint, f), tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Quantize a nimblelm checkpoint's weights to int8 or int4.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--mode", required=True, help="int8, int4 or int4-gptq")
+    p.add_argument("--groupsize", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--calibration", help="plain text for int4-gptq")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    from generate import UsageError
+    try:
+        if a.groupsize not in (32, 64, 128, 256):
+            raise QuantizationError(f"--groupsize must be 32, 64, 128 or 256, not {a.groupsize}")
+        if not os.path.isdir(a.checkpoint):
+            raise QuantizationError(f"{a.checkpoint}: no such checkpoint directory")
+        quantize_checkpoint(a.checkpoint, a.out, a.mode, a.groupsize, a.calibration)
+    except (QuantizationError, UsageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {a.out} ({a.mode})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""quantize.py and eval.py: round trips, kernels against float references, GPTQ, perplexity ordering."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quantize as Q
+from conftest import ROOT, make_hf_model, save_hf_model
+from convert_checkpoint import convert
+from generate import load_model
+
+
+def english_text(chars):
+    """Real English prose that every Python installation carries: the interpreter's help topics."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
+
+
+def test_int8_round_trip_within_half_a_step():
+    w = torch.randn(64, 96)
+    q, scales = Q.quantize_int8(w)
+    err = (q.float() * scales[:, None] - w).abs()
+    assert q.dtype == torch.int8 and (err <= scales[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("groupsize", [32, 64])
+def test_int4_round_trip_within_half_a_step(groupsize):
+    w = torch.randn(48, 128)
+    packed, sz = Q.quantize_int4(w, groupsize)
+    assert packed.shape == (48, 64) and sz.shape == (128 // groupsize, 48, 2)
+    deq = Q.dequantize_int4(packed, sz, groupsize)
+    step = sz[..., 0].t().repeat_interleave(groupsize, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-5).all()
+    assert torch.equal(Q.unpack_int4(packed), Q.unpack_int4(Q.pack_int4(Q.unpack_int4(packed))))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the fused kernels, and the dequantize path for many rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_layers_against_float_reference(rows, dtype):
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(96, 128), torch.randn(96), torch.randn(2, rows, 128)
+    int8 = Q.Int8Linear(128, 96, bias=True)
+    int8.weight, int8.scales = Q.quantize_int8(w)
+    int8.bias = nn.Parameter(bias)
+    int4 = Q.Int4Linear(128, 96, bias=True, groupsize=32)
+    int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
+    int4.bias = nn.Parameter(bias)
+    int4.prepare()
+    tol = 1e-3 if dtype == torch.float32 else 0.15
+    for layer, deq in ((int8, int8.weight.float() * int8.scales[:, None]),
+                       (int4, Q.dequantize_int4(int4.weight, int4.scales_and_zeros, 32))):
+        layer.to(dtype)
+        expected = torch.nn.functional.linear(x.float(), deq, bias)
+        got = layer(x.to(dtype)).float()
+        torch.testing.assert_close(got, expected, atol=tol * expected.abs().max().item(), rtol=0)
+
+
+def test_gptq_lowers_the_reconstruction_error():
+    torch.manual_seed(0)
+    # correlated inputs, as real activations are: that is what GPTQ exploits
+    x = torch.randn(2048, 64) @ torch.randn(64, 128) + 0.1 * torch.randn(2048, 128)
+    w = torch.randn(96, 128)
+    H = 2 * x.t() @ x / x.shape[0]
+    rtn = Q.dequantize_int4(*Q.quantize_int4(w, 32), 32)
+    gptq = Q.dequantize_int4(*Q.gptq_int4(w, H, 32), 32)
+    err = lambda wq: ((x @ (wq - w).t()) ** 2).mean().item()
+    assert err(gptq) < 0.7 * err(rtn)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    hf = make_hf_model("tied-head-dim", seed=3)
+    src = save_hf_model(hf, tmp_path_factory.mktemp("hf") / "m")
+    out = tmp_path_factory.mktemp("ckpt") / "m"
+    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    return out
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-gptq"])
+def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_path, mode):
+    text = tmp_path / "text.txt"
+    text.write_text("abcdefghijklmnopqrstuvwxyz" * 40)
+    out = tmp_path / mode
+    r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--mode", mode, "--calibration", text, "--out", out)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["mode"] == ("int8" if mode == "int8" else "int4")
+    model = load_model(str(out))
+    assert isinstance(model.output, Q.Int8Linear if mode == "int8" else Q.Int4Linear)
+    # the fused CPU kernels read with aligned vector loads: nothing may point into the mapped file unaligned
+    assert all(t.data_ptr() % 64 == 0 for t in model.state_dict().values())
+    assert model.tok_embeddings.weight.dtype == torch.float32  # the tied embedding stays in float
+    # logits close to the float model's
+    ref = load_model(str(tiny_checkpoint))
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    for m in (model, ref):
+        m.setup_caches(1, 16)
+    a, b = model(tokens, torch.arange(12)), ref(tokens, torch.arange(12))
+    assert (a - b).abs().max() < 0.1 * b.abs().max()
+    r = run("generate.py", "--checkpoint", out, "--prompt", "abc", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["generated_tokens"] == 4, r.stderr
+    r = run("eval.py", "--checkpoint", out, "--text", text, "--max-seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["perplexity"] > 1
+
+
+def test_perplexity_ordering_on_the_default_model(default_checkpoint, tmp_path):
+    text = tmp_path / "english.txt"
+    text.write_text(english_text(8000))
+    ppl = {}
+    for mode in ("bf16", "int8", "int4"):
+        ckpt = default_checkpoint
+        if mode != "bf16":
+            ckpt = tmp_path / mode
+            r = run("quantize.py", "--checkpoint", default_checkpoint, "--mode", mode, "--out", ckpt)
+            assert r.returncode == 0, r.stderr
+        r = run("eval.py", "--checkpoint", ckpt, "--text", text, "--max-seq-len", "512", "--json")
+        assert r.returncode == 0, r.stderr
+        ppl[mode] = json.loads(r.stdout)["perplexity"]
+    assert ppl["int8"] <= ppl["bf16"] * 1.02
+    assert ppl["int8"] < ppl["int4"] <= ppl["bf16"] * 1.10
+    sizes = {m: os.path.getsize(tmp_path / m / "model.safetensors") for m in ("int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < os.path.getsize(os.path.join(default_checkpoint, "model.safetensors"))
+
+
+def test_bad_input_is_refused(tiny_checkpoint, tmp_path):
+    cases = [
+        (["--mode", "int3"], "unknown mode 'int3'"),
+        (["--mode", "int4", "--groupsize", "48"], "--groupsize must be 32, 64, 128 or 256"),
+        (["--mode", "int4-gptq"], "int4-gptq needs --calibration FILE"),
+    ]
+    for args, message in cases:
+        r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+        assert not (tmp_path / "x").exists()
+    # a group size that does not divide a layer's input dimension (head_dim 24 x 4 heads = 96 inputs to wo)
+    r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", "--mode", "int4", "--groupsize", "64")
+    assert r.returncode != 0 and "group size 64 does not divide the input dimension 96" in r.stderr
+    # quantizing a quantized checkpoint
+    assert run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "q", "--mode", "int8").returncode == 0
+    r = run("quantize.py", "--checkpoint", tmp_path / "q", "--out", tmp_path / "qq", "--mode", "int4")
+    assert r.returncode != 0 and "is already quantized (int8)" in r.stderr
