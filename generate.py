@@ -157,25 +157,35 @@ def default_checkpoint() -> str:
 # Sampling and the decode loop
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None) -> torch.Tensor:
-    """logits [B, vocab] -> tokens [B], on the device and without a host synchronisation."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None) -> torch.Tensor:
+    """logits [B, vocab] -> the sampling distribution [B, vocab] (float32) for temperature > 0."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens before it already cover top_p; the most likely is always kept.
-        drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p, with no host sync.
+    return logits.softmax(dim=-1)
+
+
+def sample_from(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs [B, vocab]. Exponential race: argmax(p / E), E ~ Exp(1), is a draw from
+    p and needs no host synchronisation."""
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None) -> torch.Tensor:
+    """logits [B, vocab] -> tokens [B], on the device and without a host synchronisation."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return sample_from(probabilities(logits, temperature, top_k, top_p))
 
 
 def prefill(model, tokens, input_pos, left_pad, temperature, top_k, top_p):
@@ -211,15 +221,14 @@ def compile_steps(device: torch.device, prefill_too: bool = False):
 
 
 def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids=(), start_pos: int = 0,
-             timings: Optional[dict] = None) -> Iterator:
+             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids=(),
+             start_pos: int = 0) -> Iterator:
     """Yield new tokens as they are produced.
 
     prompt_tokens: a list of ids (yields ints) or a list of such lists, a batch of prompts of any lengths
     (yields a list with one id per row at each step; a row that has finished yields None).
     The caches must be set up (model.setup_caches) with room for the prompts and max_new_tokens.
     start_pos continues a conversation whose first start_pos cache slots are already filled (batch 1).
-    timings, if given, receives the prefill's wall time ("prefill_s") once the first token is known.
     Stops after max_new_tokens, or once every row has produced one of eos_ids (that token is yielded).
     """
     single = not prompt_tokens or isinstance(prompt_tokens[0], int)
@@ -243,7 +252,6 @@ def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperat
     tokens = torch.tensor(rows, device=device)
     finished = [False] * B
 
-    t0 = time.perf_counter()
     with torch.inference_mode():
         token = prefill(model, tokens, torch.arange(start_pos, start_pos + T, device=device), left_pad,
                         temperature, top_k, top_p)
@@ -265,8 +273,6 @@ def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperat
             if copied:
                 copied.synchronize()
             ids = token_host.tolist()  # the one host transfer per step
-            if step == 0 and timings is not None:
-                timings["prefill_s"] = time.perf_counter() - t0
             yield ids[0] if single else [None if f else i for i, f in zip(ids, finished)]
             finished = [f or i in eos_ids for i, f in zip(ids, finished)]
             if all(finished) or step + 1 == max_new_tokens:
@@ -371,6 +377,9 @@ def parse_args(argv):
     p.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample and prompt, no text")
     p.add_argument("--profile", help="write a PyTorch profiler trace of the first sample to this path")
+    p.add_argument("--draft-checkpoint", help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--draft", choices=["ngram"], help="speculative decoding with prompt lookup, no draft model")
+    p.add_argument("--speculate-k", type=int, default=4, help="tokens proposed per speculative round")
     a = p.parse_args(argv)
     if a.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, not {a.temperature}")
@@ -388,28 +397,49 @@ def parse_args(argv):
         raise UsageError(f"--max-seq-len must be >= 1, not {a.max_seq_len}")
     if not a.prompt and not a.interactive:
         raise UsageError("give --prompt TEXT (or --interactive)")
+    if a.draft or a.draft_checkpoint:
+        if a.draft and a.draft_checkpoint:
+            raise UsageError("give --draft ngram or --draft-checkpoint DIR, not both")
+        if a.speculate_k < 1:
+            raise UsageError(f"--speculate-k must be >= 1, not {a.speculate_k}")
+        if a.interactive or len(a.prompt) > 1:
+            raise UsageError("speculative decoding takes one --prompt (no batch, no --interactive)")
     return a
 
 
 def report(stats: dict):
+    speculation = (f" | acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_target_step']:.2f} tok per "
+                   "target step" if "acceptance_rate" in stats else "")
     print(f"prompt {stats['prompt_tokens']} tok, generated {stats['generated_tokens']} tok | "
           f"ttft {stats['ttft_s'] * 1e3:.1f} ms, prefill {stats['prefill_tok_s']:.1f} tok/s, "
           f"decode {stats['decode_tok_s']:.2f} tok/s, {stats['bandwidth_gb_s']:.2f} GB/s | "
-          f"peak memory {stats['peak_memory_gb']:.2f} GB | compile {stats['compile_s']:.1f} s", file=sys.stderr)
+          f"peak memory {stats['peak_memory_gb']:.2f} GB | compile {stats['compile_s']:.1f} s{speculation}",
+          file=sys.stderr)
 
 
-def run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, compile_s, checkpoint):
+def token_steps(a, model, prompts_ids, eos_ids, sampling, draft=None, stats=None):
+    """The token iterator of this run: speculative with --draft / --draft-checkpoint, else plain."""
+    if a.draft or a.draft_checkpoint:
+        import speculative
+        return speculative.speculative_generate(model, prompts_ids[0], a.max_new_tokens, k=a.speculate_k,
+                                                draft=draft, eos_ids=eos_ids, stats=stats, **sampling)
+    return generate(model, prompts_ids if len(prompts_ids) > 1 else prompts_ids[0], a.max_new_tokens,
+                    eos_ids=eos_ids, **sampling)
+
+
+def run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, compile_s, checkpoint, draft=None):
     """Generate one sample for every prompt; stream it when there is one prompt and no --json."""
     batch = len(prompts_ids) > 1
     streams = [TextStream(tok, a.stop) for _ in prompts_ids]
     counts = [0] * len(prompts_ids)
     live = not batch and not a.json
     eos_ids = set() if a.ignore_eos else tok.eos_ids
-    timings = {}
+    stats, ttft = {}, None
     synchronize(device)
     t0 = time.perf_counter()
-    for step in generate(model, prompts_ids if batch else prompts_ids[0], a.max_new_tokens,
-                         eos_ids=eos_ids, timings=timings, **sampling):
+    for step in token_steps(a, model, prompts_ids, eos_ids, sampling, draft, stats):
+        if ttft is None:
+            ttft = time.perf_counter() - t0
         step = step if batch else [step]
         for i, token in enumerate(step):
             if token is None or streams[i].stopped:
@@ -427,7 +457,7 @@ def run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, com
     elapsed = time.perf_counter() - t0
     if live:
         print(streams[0].flush(), flush=True)
-    ttft = timings.get("prefill_s", elapsed)
+    ttft = elapsed if ttft is None else ttft
     n_new = max(counts)
     decode_s = max(elapsed - ttft, 1e-9)
     decode_tok_s = (n_new - 1) / decode_s if n_new > 1 else 0.0
@@ -440,6 +470,9 @@ def run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, com
             "decode_tok_s": decode_tok_s,
             "bandwidth_gb_s": bytes_per_token * decode_tok_s / 1e9,
             "peak_memory_gb": peak_memory_gb(device), "compile_s": compile_s})
+        if stats:
+            records[-1]["acceptance_rate"] = stats["accepted"] / max(stats["proposed"], 1)
+            records[-1]["tokens_per_target_step"] = counts[i] / stats["target_steps"]
     for i, r in enumerate(records):
         if a.json:
             print(json.dumps(r), flush=True)
@@ -524,16 +557,31 @@ def main(argv=None):
         cache_len = a.max_seq_len or min(context, -(-need // 256) * 256)
         if need > cache_len:
             raise UsageError(f"--max-seq-len {cache_len} is shorter than the prompt plus --max-new-tokens ({need})")
+    speculative = bool(a.draft or a.draft_checkpoint)
+    if speculative:
+        cache_len += a.speculate_k  # the verify step writes k slots past the text
     model.setup_caches(max_batch_size=max(1, len(prompts_ids)), max_seq_length=cache_len)
+    draft = None
+    if a.draft_checkpoint:
+        draft = load_model(a.draft_checkpoint, device=device, dtype=dtype)
+        if draft.args.vocab_size != model.args.vocab_size:
+            raise UsageError(f"the draft's vocabulary ({draft.args.vocab_size}) differs from the target's "
+                             f"({model.args.vocab_size})")
+        draft.setup_caches(max_batch_size=1, max_seq_length=cache_len)
     sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
 
     compile_s = 0.0
     if a.compile or a.compile_prefill:
-        compile_steps(device, prefill_too=a.compile_prefill)
+        if speculative:
+            import speculative as spec
+            spec.compile_steps(device)
+        else:
+            compile_steps(device, prefill_too=a.compile_prefill)
         # Warm up with the real shapes, so that the timed run below measures decoding, not compiling.
         t0 = time.perf_counter()
-        warm = prompts_ids if len(prompts_ids) > 1 else (prompts_ids[0] if prompts_ids else [tok.encode("a")[0]])
-        for _ in generate(model, warm, min(3, max(a.max_new_tokens, 1)), **sampling):
+        warm = prompts_ids or [[tok.encode("a")[0]]]
+        for _ in token_steps(argparse.Namespace(**{**vars(a), "max_new_tokens": min(3 + a.speculate_k, max(
+                a.max_new_tokens, 1))}), model, warm, set(), sampling, draft):
             pass
         synchronize(device)
         compile_s = time.perf_counter() - t0
@@ -549,7 +597,7 @@ def main(argv=None):
         profiling = a.profile and sample_index == 0
         profiler = torch.profiler.profile() if profiling else nullcontext()
         with profiler:
-            run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, compile_s, checkpoint)
+            run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, compile_s, checkpoint, draft)
         if profiling:
             profiler.export_chrome_trace(a.profile)
             print(f"profiler trace written to {a.profile}", file=sys.stderr)

@@ -1,0 +1,159 @@
+"""Speculative decoding: a cheap draft proposes k tokens, the target checks them all in one forward pass
+and keeps the longest accepted prefix plus one token of its own.
+
+    python generate.py --checkpoint DIR --draft-checkpoint DIR-int4 --speculate-k 4 --prompt "..."
+    python generate.py --checkpoint DIR --draft ngram --speculate-k 8 --chat --prompt "Repeat: ..."
+
+Drafts: another checkpoint with the same tokenizer (a quantized copy of the target works well), or
+prompt lookup ("ngram"): the tokens that followed the latest earlier occurrence of the last few tokens.
+
+The output is exactly the target's. Greedy: a proposal is kept while it equals the target's argmax.
+Sampling (Leviathan et al. 2023; Chen et al. 2023): proposal d, drawn from the draft's q, is kept with
+probability min(1, p(d) / q(d)); at the first rejection the token is drawn from max(p - q, 0),
+renormalised; if all k are kept, one more is drawn from p. top-k / top-p truncate p and q alike.
+Prompt lookup proposes deterministically: q is one-hot.
+
+Both KV caches stay consistent: entries written for rejected proposals sit at positions past the
+accepted text, which the causal mask hides until they are overwritten.
+"""
+from typing import Iterator, Optional
+
+import torch
+
+from generate import UsageError, probabilities, sample_from
+
+
+def logits_of(model, tokens, input_pos):
+    """tokens [1, n] at cache positions input_pos [n] -> float logits [n, vocab]."""
+    return model(tokens, input_pos)[0].float()
+
+
+# Separate names so that the target's verify step (k + 1 tokens) and the draft's step (one token) are
+# compiled as two graphs with static shapes, neither recompiling per step.
+verify_logits = logits_of
+draft_logits = logits_of
+
+
+def compile_steps(device: torch.device):
+    import generate
+    global verify_logits, draft_logits
+    generate.compile_steps(device)  # the plain decode step (for ngram rounds with no match), CPU settings
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    verify_logits = torch.compile(logits_of, mode=mode, fullgraph=True)
+    draft_logits = torch.compile(logits_of, mode=mode, fullgraph=True)
+
+
+def ngram_proposal(history: list, k: int, max_n: int = 3) -> list:
+    """Up to k tokens that followed the latest earlier occurrence of the history's last n tokens,
+    trying n = max_n down to 1; [] when nothing matches."""
+    for n in range(min(max_n, len(history) - 1), 0, -1):
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == tail:
+                return history[start + n:start + n + k]
+    return []
+
+
+def accept_sampled(p: torch.Tensor, q: Optional[torch.Tensor], proposal: list) -> tuple:
+    """The rejection-sampling rule. p [n + 1, vocab]: the target's distributions after the last token
+    and after each of the n proposals; q [n, vocab]: the draft's (None: proposals were certain, q one-hot).
+    Returns (how many proposals are kept, the token that follows them), distributed exactly as p."""
+    n = len(proposal)
+    chosen = torch.tensor(proposal, device=p.device)
+    if q is None:
+        q = torch.nn.functional.one_hot(chosen, p.shape[-1]).float()
+    rows = torch.arange(n, device=p.device)
+    p_d, q_d = p[rows, chosen], q[rows, chosen]
+    keep = (torch.rand(n, device=p.device) * q_d < p_d).tolist()  # u < p(d) / q(d), without dividing
+    accepted = keep.index(False) if False in keep else n
+    if accepted == n:
+        return n, int(sample_from(p[n][None]))
+    residual = (p[accepted] - q[accepted]).clamp(min=0)  # max(p - q, 0), renormalised
+    return accepted, int(sample_from((residual / residual.sum())[None]))
+
+
+def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, draft=None, temperature=0.0,
+                         top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids=(),
+                         stats: Optional[dict] = None) -> Iterator[int]:
+    """Yield the target's tokens for prompt (batch 1), k proposals per round from `draft` (a model) or,
+    with draft=None, from prompt lookup. stats, if given, receives proposed / accepted / target_steps."""
+    import generate
+    if not prompt:
+        raise UsageError("empty prompt")
+    if k < 1:
+        raise UsageError(f"--speculate-k must be >= 1, not {k}")
+    device = target.norm.weight.device
+    T = len(prompt)
+    for m in (target, draft):
+        if m is not None and T + max_new_tokens + k > m.max_seq_length:
+            raise UsageError(f"the KV cache ({m.max_seq_length} positions) is too small for {T} prompt tokens, "
+                             f"{max_new_tokens} new tokens and {k} proposals")
+    stats = stats if stats is not None else {}
+    stats.update(proposed=0, accepted=0, target_steps=1)
+    greedy = temperature <= 0
+
+    def dist(logits):  # [n, vocab] -> the sampling distribution of each row (greedy: None)
+        return None if greedy else probabilities(logits, temperature, top_k, top_p)
+
+    with torch.inference_mode():
+        tokens = torch.tensor([prompt], device=device)
+        positions = torch.arange(T, device=device)
+        logits = logits_of(target, tokens, positions)[-1:]
+        if draft is not None:
+            draft(tokens, positions)
+        x = int(logits.argmax(-1)) if greedy else int(sample_from(dist(logits)))
+        history, pos, emitted = list(prompt), T, 0  # x is the last token, not yet in either cache
+        while True:
+            history.append(x)
+            yield x
+            emitted += 1
+            if x in eos_ids or emitted == max_new_tokens:
+                return
+            # 1. propose
+            q = None
+            if draft is None:
+                proposal = ngram_proposal(history, min(k, max_new_tokens - emitted))
+                if not proposal:  # nothing to look up: an ordinary decode step
+                    x = int(generate.decode_step(target, torch.tensor([x], device=device),
+                                                 torch.tensor([pos], device=device), None, temperature, top_k, top_p))
+                    pos += 1
+                    stats["target_steps"] += 1
+                    continue
+            else:
+                proposal, q, tok = [], [], x
+                for i in range(k):
+                    d_logits = draft_logits(draft, torch.tensor([[tok]], device=device),
+                                            torch.tensor([pos + i], device=device))
+                    if greedy:
+                        tok = int(d_logits.argmax(-1))
+                    else:
+                        q.append(dist(d_logits)[0])
+                        tok = int(sample_from(q[-1][None]))
+                    proposal.append(tok)
+            # 2. verify: always k + 1 tokens, so the compiled step has one shape (unused tail ignored)
+            n = len(proposal)
+            padded = [x] + proposal + [proposal[-1]] * (k - n)
+            p_logits = verify_logits(target, torch.tensor([padded], device=device),
+                                     torch.arange(pos, pos + k + 1, device=device))
+            stats["target_steps"] += 1
+            stats["proposed"] += n
+            # 3. accept
+            if greedy:
+                best = p_logits.argmax(-1).tolist()
+                accepted = 0
+                while accepted < n and proposal[accepted] == best[accepted]:
+                    accepted += 1
+                nxt = best[accepted]
+            else:
+                accepted, nxt = accept_sampled(dist(p_logits)[:n + 1], None if q is None else torch.stack(q), proposal)
+            stats["accepted"] += accepted
+            if draft is not None and accepted == k:
+                # the draft never read its own last proposal: write it, so its cache has the accepted text
+                draft_logits(draft, torch.tensor([[proposal[-1]]], device=device), torch.tensor([pos + k], device=device))
+            for d in proposal[:accepted]:
+                history.append(d)
+                yield d
+                emitted += 1
+                if d in eos_ids or emitted == max_new_tokens:
+                    return
+            x, pos = nxt, pos + accepted + 1

@@ -1,0 +1,134 @@
+"""speculative.py: exactly the target's tokens (greedy) and distribution (sampling), consistent caches."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import speculative as S
+from conftest import ROOT, make_hf_model, save_hf_model
+from convert_checkpoint import convert
+from generate import generate, load_model
+
+
+@pytest.fixture(scope="module")
+def target_and_draft(tmp_path_factory):
+    """A tiny random target and a different tiny random draft with the same vocabulary."""
+    paths = []
+    for family, seed in (("gqa", 11), ("mqa", 12)):
+        src = save_hf_model(make_hf_model(family, seed=seed), tmp_path_factory.mktemp("hf") / family)
+        out = tmp_path_factory.mktemp("ckpt") / family
+        convert(str(src), str(out), dtype=torch.float32, progress=False)
+        paths.append(out)
+    target, draft = (load_model(str(p)) for p in paths)
+    for m in (target, draft):
+        m.setup_caches(1, 160)
+    return target, draft, paths
+
+
+def plain(model, prompt, n):
+    return list(generate(model, prompt, n))
+
+
+def test_greedy_with_a_draft_model_equals_plain_decoding(target_and_draft):
+    target, draft, _ = target_and_draft
+    prompt = torch.randint(0, 128, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = plain(target, prompt, 64)
+    stats = {}
+    got = list(S.speculative_generate(target, prompt, 64, k=4, draft=draft, stats=stats))
+    assert got == expected
+    assert stats["proposed"] > 0 and stats["accepted"] < stats["proposed"]  # rejections happened
+
+
+def test_greedy_with_prompt_lookup_equals_plain_decoding(target_and_draft):
+    target, _, _ = target_and_draft
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]
+    expected = plain(target, prompt, 64)
+    stats = {}
+    assert list(S.speculative_generate(target, prompt, 64, k=5, stats=stats)) == expected
+    assert stats["proposed"] > 0
+
+
+def test_prompt_lookup_without_a_match_falls_back_to_plain_decoding(target_and_draft):
+    target, _, _ = target_and_draft
+    assert S.ngram_proposal([1, 2, 3, 4], 4) == []
+    assert S.ngram_proposal([1, 2, 3, 1, 2], 4) == [3, 1, 2]
+    prompt = list(range(20, 30))
+    expected = plain(target, prompt, 3)
+    stats = {}
+    got = list(S.speculative_generate(target, prompt, 3, k=4, stats=stats))
+    assert got == expected
+    if len(set(prompt + got)) == len(prompt + got):  # no repeat at all: every step was a plain one
+        assert stats["proposed"] == 0 and stats["target_steps"] == 3
+
+
+def test_rejection_rule_samples_the_target_distribution():
+    """The first token of a round follows p exactly; a rule without the residual would not."""
+    torch.manual_seed(0)
+    V = 6
+    p = torch.tensor([[0.05, 0.40, 0.05, 0.30, 0.10, 0.10], [0.2] * 5 + [0.0]])
+    q = torch.tensor([[0.50, 0.05, 0.30, 0.05, 0.05, 0.05]])
+    counts, naive = torch.zeros(V), torch.zeros(V)
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q[0], 1))
+        accepted, nxt = S.accept_sampled(p, q, [d])
+        counts[d if accepted else nxt] += 1
+        # the broken rule: on rejection, draw from p itself instead of the residual
+        naive[d if accepted else int(torch.multinomial(p[0], 1))] += 1
+    tv = 0.5 * (counts / n - p[0]).abs().sum()
+    tv_naive = 0.5 * (naive / n - p[0]).abs().sum()
+    assert tv < 0.015, tv
+    assert tv_naive > 0.05, tv_naive  # the test can tell a broken residual apart
+    # prompt lookup: q one-hot; the kept token is d with probability p(d), else a draw from p without d
+    counts.zero_()
+    for _ in range(n):
+        accepted, nxt = S.accept_sampled(p, None, [3])
+        counts[3 if accepted else nxt] += 1
+    assert 0.5 * (counts / n - p[0]).abs().sum() < 0.015
+
+
+def test_sampled_speculation_is_reproducible_and_valid(target_and_draft):
+    target, draft, _ = target_and_draft
+    prompt = [3, 1, 4, 1, 5]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(list(S.speculative_generate(target, prompt, 24, k=3, draft=draft, temperature=1.0, top_k=20)))
+    assert runs[0] == runs[1] and len(runs[0]) == 24 and all(0 <= t < 128 for t in runs[0])
+
+
+def test_kv_caches_are_consistent_after_rejections(target_and_draft):
+    target, draft, _ = target_and_draft
+    prompt = [9, 8, 7, 6, 5, 4]
+    out = list(S.speculative_generate(target, prompt, 20, k=4, draft=draft))
+    text = prompt + out[:-1]  # everything written for good (the last token is not fed yet)
+    fresh = load_model(str(target_and_draft[2][0]))
+    fresh.setup_caches(1, 160)
+    fresh(torch.tensor([text]), torch.arange(len(text)))
+    for a, b in zip(target.layers, fresh.layers):
+        torch.testing.assert_close(a.attention.kv_cache.k_cache[:, :, :len(text)],
+                                   b.attention.kv_cache.k_cache[:, :, :len(text)], atol=1e-5, rtol=0)
+    dfresh = load_model(str(target_and_draft[2][1]))
+    dfresh.setup_caches(1, 160)
+    dfresh(torch.tensor([text]), torch.arange(len(text)))
+    for a, b in zip(draft.layers, dfresh.layers):
+        torch.testing.assert_close(a.attention.kv_cache.v_cache[:, :, :len(text)],
+                                   b.attention.kv_cache.v_cache[:, :, :len(text)], atol=1e-5, rtol=0)
+
+
+def test_command_line_reports_acceptance(target_and_draft):
+    _, _, (target_dir, draft_dir) = target_and_draft
+    base = [sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", str(target_dir), "--prompt", "abcabcabc",
+            "--max-new-tokens", "12", "--json"]
+    plain_run = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    for extra in (["--draft", "ngram"], ["--draft-checkpoint", str(draft_dir), "--speculate-k", "3"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        record = json.loads(r.stdout)
+        assert record["text"] == json.loads(plain_run.stdout)["text"]
+        assert 0 <= record["acceptance_rate"] <= 1 and record["tokens_per_target_step"] >= 1
+    r = subprocess.run(base + ["--draft", "ngram", "--speculate-k", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
