@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
+import tp
 from model import ModelArgs, Transformer
 from tokenizer import get_tokenizer
 
@@ -64,7 +65,15 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
     except (ValueError, TypeError) as e:  # bad JSON, missing or inconsistent fields
         raise UsageError(f"{config_path}: {e}")
     quantization = config.get("quantization")
-    model = build_on_meta(args, quantization)
+    sharded = tp.world_size() > 1  # under torchrun: this rank's slice of every split layer
+    if sharded:
+        tp.init(torch.device(device))
+        try:
+            model = build_on_meta(tp.local_args(args, tp.world_size(), quantization), quantization)
+        except ValueError as e:
+            raise UsageError(f"{config_path}: {e}")
+    else:
+        model = build_on_meta(args, quantization)
     tied = args.tie_embeddings and not quantization
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     state = {}
@@ -74,7 +83,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
             for name, meta in expected.items():
                 if name not in present:
                     raise UsageError(f"{weights_path}: tensor {name} is missing")
-                t = f.get_tensor(name)
+                t = tp.read_shard(f, name, args, quantization) if sharded else f.get_tensor(name)
                 if t.shape != meta.shape:
                     raise UsageError(f"{weights_path}: tensor {name} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(meta.shape)}")
@@ -92,6 +101,8 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
     if quantization:
         import quantize
         quantize.prepare(model)  # repack for this device's kernels
+    if sharded:
+        tp.add_all_reduces(model)
     return model.eval().requires_grad_(False)
 
 
@@ -324,6 +335,8 @@ class TextStream:
 
 
 def pick_device(name: str) -> torch.device:
+    if name in ("auto", "cuda") and torch.cuda.is_available() and tp.world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -526,6 +539,11 @@ def main(argv=None):
     # On the CPU, bfloat16 logits are rounded to three significant digits, enough to flip near-ties
     # (the default model's answer to the README's question among them): float32 unless asked.
     dtype = DTYPES[a.dtype or {"cuda": "bfloat16", "mps": "float16"}.get(device.type, "float32")]
+    if tp.world_size() > 1:  # under torchrun: one process per rank, rank 0 speaks for all
+        tp.init(device)
+        a.seed = tp.shared_seed(a.seed, device)
+        if tp.rank() > 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")
     if a.seed is not None:
         torch.manual_seed(a.seed)
     model = load_model(checkpoint, device=device, dtype=dtype)

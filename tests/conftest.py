@@ -29,10 +29,10 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, seed: int = 0):
+def make_hf_model(family: str, seed: int = 0, **changes):
     import transformers
     config_cls, overrides = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make them count

@@ -1,0 +1,99 @@
+"""tp.py: ranks started by torchrun give a single process's logits and tokens."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tp
+from bench import write_random_checkpoint
+from conftest import ROOT, make_hf_model, save_hf_model
+from convert_checkpoint import convert
+from generate import load_model
+from model import ModelArgs
+
+WORKER = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+import tp
+from generate import load_model
+model = load_model({ckpt!r})
+model.setup_caches(1, 32)
+tokens = torch.arange(3, 19)[None] % model.args.vocab_size
+logits = model(tokens, torch.arange(16))
+if tp.rank() == 0:
+    torch.save(logits, {out!r})
+'''
+
+
+def torchrun(n, *args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def checkpoint(tmp_path_factory, family, mode=None):
+    # 128 MLP units: 64 per rank, whole int4 groups of 32
+    src = save_hf_model(make_hf_model(family, seed=21, intermediate_size=128), tmp_path_factory.mktemp("hf") / family)
+    out = tmp_path_factory.mktemp("ckpt") / family
+    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    if mode:
+        from quantize import quantize_checkpoint
+        quantize_checkpoint(str(out), str(out) + "-" + mode, mode, groupsize=32)
+        return out.parent / (out.name + "-" + mode)
+    return out
+
+
+@pytest.mark.parametrize("family,mode", [("gqa", None), ("mqa", None), ("qwen2-bias", None), ("gqa", "int8"),
+                                         ("gqa", "int4")])
+def test_two_ranks_give_the_logits_and_tokens_of_one_process(tmp_path_factory, tmp_path, family, mode):
+    """2 key/value heads split over 2 ranks; a single one (MQA) replicated; biases; int8 and int4 shards."""
+    ckpt = checkpoint(tmp_path_factory, family, mode)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT, ckpt=str(ckpt), out=str(tmp_path / "logits.pt")))
+    r = torchrun(2, script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = load_model(str(ckpt))
+    single.setup_caches(1, 32)
+    tokens = torch.arange(3, 19)[None] % single.args.vocab_size
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), single(tokens, torch.arange(16)),
+                               atol=1e-4, rtol=0)
+    cli = ["generate.py", "--checkpoint", ckpt, "--prompt", "abcab", "--max-new-tokens", "16", "--json"]
+    alone = subprocess.run([sys.executable, *map(str, cli)], capture_output=True, text=True, cwd=ROOT)
+    r = torchrun(2, *cli)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 1  # rank 0 alone prints
+    assert records[0]["text"] == json.loads(alone.stdout)["text"]
+
+
+def test_impossible_split_is_refused_before_loading(tmp_path):
+    args = ModelArgs(dim=72, n_layers=1, n_heads=9, n_kv_heads=3, head_dim=8, intermediate_size=64, vocab_size=257,
+                     norm_eps=1e-5, rope_base=10000.0, max_seq_len=64, tie_embeddings=True, attention_bias=False)
+    with pytest.raises(ValueError, match="cannot split 9 query heads over 2 ranks"):
+        tp.local_args(args, 2)
+    with pytest.raises(ValueError, match="cannot split or replicate 3 key/value heads over 4 ranks"):
+        tp.local_args(dataclasses.replace(args, n_heads=12), 4)
+    with pytest.raises(ValueError, match="cannot split the MLP's 64 hidden units over 3 ranks"):
+        tp.local_args(args, 3)
+    write_random_checkpoint(args, str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")  # the refusal must come before any weight is read
+    r = torchrun(2, "generate.py", "--checkpoint", tmp_path, "--prompt", "hi")
+    assert r.returncode != 0
+    assert f"error: {tmp_path / 'config.json'}: cannot split 9 query heads over 2 ranks" in r.stderr
+
+
+def test_default_model_on_three_ranks(default_checkpoint, tmp_path):
+    """9 query and 3 key/value heads over 3 ranks: the greedy text of one process, float32 and int8."""
+    from quantize import quantize_checkpoint
+    quantize_checkpoint(default_checkpoint, str(tmp_path / "int8"), "int8")
+    for ckpt in (default_checkpoint, tmp_path / "int8"):
+        cli = ["generate.py", "--checkpoint", str(ckpt), "--chat", "--prompt", "What is the capital of France?",
+               "--max-new-tokens", "24", "--json"]
+        alone = subprocess.run([sys.executable, *cli], capture_output=True, text=True, cwd=ROOT)
+        r = torchrun(3, *cli)
+        assert r.returncode == 0, r.stderr[-3000:]
+        text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
+        assert text == json.loads(alone.stdout)["text"] and "Paris" in text
