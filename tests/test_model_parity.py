@@ -2,17 +2,13 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, make_hf_model, save_hf_model
-from convert_checkpoint import convert
+from conftest import FAMILIES, converted_checkpoint
 from generate import load_model
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def pair(request, tmp_path_factory):
-    hf = make_hf_model(request.param)
-    src = save_hf_model(hf, tmp_path_factory.mktemp("hf") / request.param)
-    out = tmp_path_factory.mktemp("ours") / request.param
-    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    hf, out = converted_checkpoint(tmp_path_factory, request.param)
     return hf, load_model(str(out))
 
 

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 import quantize as Q
-from conftest import ROOT, make_hf_model, save_hf_model
-from convert_checkpoint import convert
+from conftest import ROOT, converted_checkpoint
 from generate import load_model
 
 
@@ -73,11 +72,7 @@ def test_gptq_lowers_the_reconstruction_error():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    hf = make_hf_model("tied-head-dim", seed=3)
-    src = save_hf_model(hf, tmp_path_factory.mktemp("hf") / "m")
-    out = tmp_path_factory.mktemp("ckpt") / "m"
-    convert(str(src), str(out), dtype=torch.float32, progress=False)
-    return out
+    return converted_checkpoint(tmp_path_factory, "tied-head-dim", seed=3)[1]
 
 
 def run(script, *args):

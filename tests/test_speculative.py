@@ -8,20 +8,14 @@ import pytest
 import torch
 
 import speculative as S
-from conftest import ROOT, make_hf_model, save_hf_model
-from convert_checkpoint import convert
+from conftest import ROOT, converted_checkpoint
 from generate import generate, load_model
 
 
 @pytest.fixture(scope="module")
 def target_and_draft(tmp_path_factory):
     """A tiny random target and a different tiny random draft with the same vocabulary."""
-    paths = []
-    for family, seed in (("gqa", 11), ("mqa", 12)):
-        src = save_hf_model(make_hf_model(family, seed=seed), tmp_path_factory.mktemp("hf") / family)
-        out = tmp_path_factory.mktemp("ckpt") / family
-        convert(str(src), str(out), dtype=torch.float32, progress=False)
-        paths.append(out)
+    paths = [converted_checkpoint(tmp_path_factory, family, seed)[1] for family, seed in (("gqa", 11), ("mqa", 12))]
     target, draft = (load_model(str(p)) for p in paths)
     for m in (target, draft):
         m.setup_caches(1, 160)

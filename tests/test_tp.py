@@ -10,8 +10,7 @@ import torch
 
 import tp
 from bench import write_random_checkpoint
-from conftest import ROOT, make_hf_model, save_hf_model
-from convert_checkpoint import convert
+from conftest import ROOT, converted_checkpoint
 from generate import load_model
 from model import ModelArgs
 
@@ -36,9 +35,7 @@ def torchrun(n, *args):
 
 def checkpoint(tmp_path_factory, family, mode=None):
     # 128 MLP units: 64 per rank, whole int4 groups of 32
-    src = save_hf_model(make_hf_model(family, seed=21, intermediate_size=128), tmp_path_factory.mktemp("hf") / family)
-    out = tmp_path_factory.mktemp("ckpt") / family
-    convert(str(src), str(out), dtype=torch.float32, progress=False)
+    out = converted_checkpoint(tmp_path_factory, family, seed=21, intermediate_size=128)[1]
     if mode:
         from quantize import quantize_checkpoint
         quantize_checkpoint(str(out), str(out) + "-" + mode, mode, groupsize=32)
