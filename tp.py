@@ -12,6 +12,7 @@ torch.compile traces into the graph. Backend: NCCL on CUDA (RCCL on ROCm), gloo 
 
 Each rank reads only its own slices of the memory-mapped safetensors file, int8 / int4 scales included.
 """
+import atexit
 import os
 from dataclasses import replace
 
@@ -33,6 +34,14 @@ def init(device: torch.device):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave)
+
+
+def leave():
+    """Leave the group together before the interpreter tears down: a rank whose gloo group is still
+    connected to a peer at exit can abort ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def local_args(args, world: int, quantization=None):
