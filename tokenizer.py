@@ -128,11 +128,8 @@ class HFTokenizer(Tokenizer):
         self.tk = _Tokenizer.from_file(json_path)
         self.special = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
 
-    def _encode_plain(self, text):
-        return self.tk.encode(text, add_special_tokens=False).ids
-
     def encode(self, text):
-        # The library already splits special-token strings out of the text.
+        # The library itself splits special-token strings out of the text.
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):

@@ -99,18 +99,14 @@ def test_kv_caches_are_consistent_after_rejections(target_and_draft):
     prompt = [9, 8, 7, 6, 5, 4]
     out = list(S.speculative_generate(target, prompt, 20, k=4, draft=draft))
     text = prompt + out[:-1]  # everything written for good (the last token is not fed yet)
-    fresh = load_model(str(target_and_draft[2][0]))
-    fresh.setup_caches(1, 160)
-    fresh(torch.tensor([text]), torch.arange(len(text)))
-    for a, b in zip(target.layers, fresh.layers):
-        torch.testing.assert_close(a.attention.kv_cache.k_cache[:, :, :len(text)],
-                                   b.attention.kv_cache.k_cache[:, :, :len(text)], atol=1e-5, rtol=0)
-    dfresh = load_model(str(target_and_draft[2][1]))
-    dfresh.setup_caches(1, 160)
-    dfresh(torch.tensor([text]), torch.arange(len(text)))
-    for a, b in zip(draft.layers, dfresh.layers):
-        torch.testing.assert_close(a.attention.kv_cache.v_cache[:, :, :len(text)],
-                                   b.attention.kv_cache.v_cache[:, :, :len(text)], atol=1e-5, rtol=0)
+    for model, path in zip((target, draft), target_and_draft[2]):
+        fresh = load_model(str(path))
+        fresh.setup_caches(1, 160)
+        fresh(torch.tensor([text]), torch.arange(len(text)))
+        for a, b in zip(model.layers, fresh.layers):
+            for cache in ("k_cache", "v_cache"):
+                torch.testing.assert_close(getattr(a.attention.kv_cache, cache)[:, :, :len(text)],
+                                           getattr(b.attention.kv_cache, cache)[:, :, :len(text)], atol=1e-5, rtol=0)
 
 
 def test_command_line_reports_acceptance(target_and_draft):
