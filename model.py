@@ -214,7 +214,11 @@ class Transformer(nn.Module):
         mask = slots[None, None, :] <= input_pos[None, :, None]  # causal: [1, S, L]
         positions = input_pos[None, :].expand(B, -1)
         if left_pad is not None:
-            mask = mask & (slots[None, None, :] >= left_pad[:, None, None])
+            # Padding is never attended to. A padding slot attends to itself only: a row with nothing to
+            # attend to comes out as 0 or NaN depending on the SDPA backend, and NaN in a padding slot's
+            # K/V would spread to every row through attention weights of 0.
+            own = slots[None, None, :] == input_pos[None, :, None]
+            mask = mask & ((slots[None, None, :] >= left_pad[:, None, None]) | own)
             positions = (positions - left_pad[:, None]).clamp(min=0)
         mask = mask.unsqueeze(1)  # [B or 1, 1, S, L]
         cos = self.rope_cos[positions].unsqueeze(2)
