@@ -430,13 +430,13 @@ def report(stats: dict):
           file=sys.stderr)
 
 
-def token_steps(a, model, prompts_ids, eos_ids, sampling, draft=None, stats=None):
+def token_steps(a, model, prompts_ids, max_new_tokens, eos_ids, sampling, draft=None, stats=None):
     """The token iterator of this run: speculative with --draft / --draft-checkpoint, else plain."""
     if a.draft or a.draft_checkpoint:
         import speculative
-        return speculative.speculative_generate(model, prompts_ids[0], a.max_new_tokens, k=a.speculate_k,
+        return speculative.speculative_generate(model, prompts_ids[0], max_new_tokens, k=a.speculate_k,
                                                 draft=draft, eos_ids=eos_ids, stats=stats, **sampling)
-    return generate(model, prompts_ids if len(prompts_ids) > 1 else prompts_ids[0], a.max_new_tokens,
+    return generate(model, prompts_ids if len(prompts_ids) > 1 else prompts_ids[0], max_new_tokens,
                     eos_ids=eos_ids, **sampling)
 
 
@@ -450,7 +450,7 @@ def run_batch(a, model, tok, prompts_ids, sampling, bytes_per_token, device, com
     stats, ttft = {}, None
     synchronize(device)
     t0 = time.perf_counter()
-    for step in token_steps(a, model, prompts_ids, eos_ids, sampling, draft, stats):
+    for step in token_steps(a, model, prompts_ids, a.max_new_tokens, eos_ids, sampling, draft, stats):
         if ttft is None:
             ttft = time.perf_counter() - t0
         step = step if batch else [step]
@@ -598,8 +598,7 @@ def main(argv=None):
         # Warm up with the real shapes, so that the timed run below measures decoding, not compiling.
         t0 = time.perf_counter()
         warm = prompts_ids or [[tok.encode("a")[0]]]
-        for _ in token_steps(argparse.Namespace(**{**vars(a), "max_new_tokens": min(3 + a.speculate_k, max(
-                a.max_new_tokens, 1))}), model, warm, set(), sampling, draft):
+        for _ in token_steps(a, model, warm, min(3 + a.speculate_k, max(a.max_new_tokens, 1)), set(), sampling, draft):
             pass
         synchronize(device)
         compile_s = time.perf_counter() - t0

@@ -111,7 +111,7 @@ def dequantize_int4(packed, scales_and_zeros, groupsize):
 def replace_linears(model: nn.Module, quantization: dict):
     """Swap every nn.Linear of the model (built on the meta device) for its quantized counterpart."""
     mode, groupsize = quantization["mode"], quantization.get("groupsize")
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 if mode == "int8":

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from generate import UsageError, probabilities, sample_from
+from generate import UsageError, probabilities, sample, sample_from
 
 
 def logits_of(model, tokens, input_pos):
@@ -101,7 +101,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
         logits = logits_of(target, tokens, positions)[-1:]
         if draft is not None:
             draft(tokens, positions)
-        x = int(logits.argmax(-1)) if greedy else int(sample_from(dist(logits)))
+        x = int(sample(logits, temperature, top_k, top_p))
         history, pos, emitted = list(prompt), T, 0  # x is the last token, not yet in either cache
         while True:
             history.append(x)
