@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from typing import Iterator, Optional
 
 import torch
+from torch.fx.experimental.sym_node import DynamicInt
 
 import tp
 from model import ModelArgs, Transformer
@@ -199,19 +200,31 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
     return sample_from(probabilities(logits, temperature, top_k, top_p))
 
 
-def prefill(model, tokens, input_pos, left_pad, temperature, top_k, top_p):
-    logits = model(tokens, input_pos, left_pad)
+# Each step attends to the filled part of the KV cache, rounded up to a multiple of KV_BLOCK slots, not to
+# the whole cache: in a chat with a 4096-slot cache and a short history, attending to every slot costs
+# more than reading the weights. The length is a DynamicInt, so that torch.compile makes it a symbolic
+# size: one compiled graph serves every length (no recompilation as the text grows).
+KV_BLOCK = 128
+
+
+def attended_length(model, n_filled: int) -> int:
+    return DynamicInt(min(model.max_seq_length, -(-n_filled // KV_BLOCK) * KV_BLOCK))
+
+
+def prefill(model, tokens, input_pos, left_pad, kv_len, temperature, top_k, top_p):
+    logits = model(tokens, input_pos, left_pad, kv_len)
     return sample(logits[:, -1], temperature, top_k, top_p)
 
 
-def decode_step(model, token, input_pos, left_pad, temperature, top_k, top_p):
-    """One token per row at cache position input_pos [1] -> the next token per row."""
-    logits = model(token[:, None], input_pos, left_pad)
+def decode_step(model, token, input_pos, left_pad, kv_len, temperature, top_k, top_p):
+    """One token per row at cache position input_pos [1] -> the next token per row, attending to the
+    first kv_len cache slots."""
+    logits = model(token[:, None], input_pos, left_pad, kv_len)
     return sample(logits[:, -1], temperature, top_k, top_p)
 
 
 def compile_steps(device: torch.device, prefill_too: bool = False):
-    """Compile the decode step (static shapes) and optionally prefill (dynamic shapes)."""
+    """Compile the decode step (static shapes but the attended length) and optionally prefill (dynamic shapes)."""
     global decode_step, prefill
     if device.type == "cpu":
         # At batch 1 every linear layer is a matrix-vector product, bound by memory. oneDNN's GEMV reads
@@ -265,7 +278,7 @@ def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperat
 
     with torch.inference_mode():
         token = prefill(model, tokens, torch.arange(start_pos, start_pos + T, device=device), left_pad,
-                        temperature, top_k, top_p)
+                        attended_length(model, start_pos + T), temperature, top_k, top_p)
         input_pos = torch.tensor([start_pos + T], device=device)
         cuda = device.type == "cuda"
         for step in range(max_new_tokens):
@@ -279,7 +292,9 @@ def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperat
             if copied:
                 copied.record()
             if step + 1 < max_new_tokens:
-                next_token = decode_step(model, token, input_pos, left_pad, temperature, top_k, top_p)
+                pos = start_pos + T + step
+                next_token = decode_step(model, token, input_pos, left_pad, attended_length(model, pos + 1),
+                                         temperature, top_k, top_p)
                 input_pos = input_pos + 1
             if copied:
                 copied.synchronize()

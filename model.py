@@ -140,6 +140,8 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(input_pos, k, v)
+        # Attend to the slots the mask covers: the filled part of the cache (rounded up), not all of it.
+        k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         # Grouped-query attention without copying K/V: the n_rep query heads that share a key/value
         # head are stacked along the sequence axis, so each K/V head is read once, as it is stored.
         n_rep = self.n_heads // self.n_kv_heads
@@ -194,15 +196,21 @@ class Transformer(nn.Module):
         dtype = weight.dtype if weight.is_floating_point() else self.norm.weight.dtype
         device = self.norm.weight.device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        # One slot more than can be used: the attended part of the cache is then never all of it, so a step
+        # compiled with a symbolic attended length needs no second graph for "all of it" (a contiguous view).
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_kv_heads,
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length + 1, self.args.n_kv_heads,
                                                self.args.head_dim, dtype, device)
         angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), rope_frequencies(self.args))
         self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
         self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
+                kv_len: Optional[int] = None) -> Tensor:
         """tokens [B, S] at cache positions input_pos [S] -> logits [B, S, vocab].
+
+        kv_len (optional) limits attention to the first kv_len cache slots, which must include every
+        position written so far: a decode step then reads the filled part of the cache, not all of it.
 
         left_pad [B] (optional) is the number of padding tokens at the start of each row: those cache
         slots are never attended to, and each row's RoPE positions start at 0 after its padding, so a
@@ -210,7 +218,7 @@ class Transformer(nn.Module):
         """
         assert self.max_seq_length, "call setup_caches() first"
         B = tokens.shape[0]
-        slots = torch.arange(self.max_seq_length, device=tokens.device)
+        slots = torch.arange(kv_len or self.max_seq_length, device=tokens.device)
         mask = slots[None, None, :] <= input_pos[None, :, None]  # causal: [1, S, L]
         positions = input_pos[None, :].expand(B, -1)
         if left_pad is not None:

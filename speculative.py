@@ -20,12 +20,13 @@ from typing import Iterator, Optional
 
 import torch
 
-from generate import UsageError, probabilities, sample, sample_from
+from generate import UsageError, attended_length, probabilities, sample, sample_from
 
 
-def logits_of(model, tokens, input_pos):
-    """tokens [1, n] at cache positions input_pos [n] -> float logits [n, vocab]."""
-    return model(tokens, input_pos)[0].float()
+def logits_of(model, tokens, input_pos, kv_len):
+    """tokens [1, n] at cache positions input_pos [n] -> float logits [n, vocab], attending to the first
+    kv_len cache slots."""
+    return model(tokens, input_pos, None, kv_len)[0].float()
 
 
 # Separate names so that the target's verify step (k + 1 tokens) and the draft's step (one token) are
@@ -98,9 +99,9 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
     with torch.inference_mode():
         tokens = torch.tensor([prompt], device=device)
         positions = torch.arange(T, device=device)
-        logits = logits_of(target, tokens, positions)[-1:]
+        logits = logits_of(target, tokens, positions, attended_length(target, T))[-1:]
         if draft is not None:
-            draft(tokens, positions)
+            draft(tokens, positions, None, attended_length(draft, T))
         x = int(sample(logits, temperature, top_k, top_p))
         history, pos, emitted = list(prompt), T, 0  # x is the last token, not yet in either cache
         while True:
@@ -115,7 +116,8 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
                 proposal = ngram_proposal(history, min(k, max_new_tokens - emitted))
                 if not proposal:  # nothing to look up: an ordinary decode step
                     x = int(generate.decode_step(target, torch.tensor([x], device=device),
-                                                 torch.tensor([pos], device=device), None, temperature, top_k, top_p))
+                                                 torch.tensor([pos], device=device), None,
+                                                 attended_length(target, pos + 1), temperature, top_k, top_p))
                     pos += 1
                     stats["target_steps"] += 1
                     continue
@@ -123,7 +125,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
                 proposal, q, tok = [], [], x
                 for i in range(k):
                     d_logits = draft_logits(draft, torch.tensor([[tok]], device=device),
-                                            torch.tensor([pos + i], device=device))
+                                            torch.tensor([pos + i], device=device), attended_length(draft, pos + i + 1))
                     if greedy:
                         tok = int(d_logits.argmax(-1))
                     else:
@@ -134,7 +136,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             n = len(proposal)
             padded = [x] + proposal + [proposal[-1]] * (k - n)
             p_logits = verify_logits(target, torch.tensor([padded], device=device),
-                                     torch.arange(pos, pos + k + 1, device=device))
+                                     torch.arange(pos, pos + k + 1, device=device), attended_length(target, pos + k + 1))
             stats["target_steps"] += 1
             stats["proposed"] += n
             # 3. accept
@@ -149,7 +151,8 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             stats["accepted"] += accepted
             if draft is not None and accepted == k:
                 # the draft never read its own last proposal: write it, so its cache has the accepted text
-                draft_logits(draft, torch.tensor([[proposal[-1]]], device=device), torch.tensor([pos + k], device=device))
+                draft_logits(draft, torch.tensor([[proposal[-1]]], device=device), torch.tensor([pos + k], device=device),
+                             attended_length(draft, pos + k + 1))
             for d in proposal[:accepted]:
                 history.append(d)
                 yield d

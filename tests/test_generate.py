@@ -17,7 +17,8 @@ from tokenizer import get_tokenizer
 def tiny(tmp_path_factory):
     hf, out = converted_checkpoint(tmp_path_factory, "gqa", seed=5)
     model = load_model(str(out))
-    model.setup_caches(max_batch_size=3, max_seq_length=96)
+    # Longer than a few KV_BLOCKs: steps attend to the filled part of the cache, and texts cross blocks.
+    model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
     return hf, model, str(out)
 
 
@@ -25,13 +26,16 @@ def run(model, prompt, n, **kw):
     return list(generate(model, prompt, n, **kw))
 
 
-def test_greedy_equals_hugging_face_generate(tiny):
+@pytest.mark.parametrize("prompt_len", [12, G.KV_BLOCK - 10])  # the second crosses a KV block
+def test_greedy_equals_hugging_face_generate(tiny, prompt_len):
     hf, model, _ = tiny
-    prompt = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, 128, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, 12:].tolist()
+        ids = torch.tensor([prompt])  # an explicit mask: generate would mask prompt tokens equal to pad_token_id
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                               do_sample=False)[0, prompt_len:].tolist()
     assert run(model, prompt, 32) == expected
 
 
@@ -117,13 +121,19 @@ def test_streamed_text_equals_whole_decode(default_checkpoint):
     assert streamed == tok.decode(ids) == text
 
 
-def test_compiled_decode_equals_eager(tiny, monkeypatch):
+def test_compiled_decode_equals_eager_and_compiles_once(tiny, monkeypatch):
     _, model, _ = tiny
-    prompt = [7, 3, 9, 2]
-    eager = run(model, prompt, 12)
-    monkeypatch.setattr(G, "decode_step", G.decode_step)  # restored after the test
-    G.compile_steps(torch.device("cpu"))
-    assert run(model, prompt, 12) == eager
+    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
+    prompt = list(range(1, G.KV_BLOCK - 4))  # the text crosses into the second block, the cache's last
+    try:
+        eager = run(model, prompt, 12)
+        monkeypatch.setattr(G, "decode_step", G.decode_step)  # restored after the test
+        G.compile_steps(torch.device("cpu"))
+        run(model, prompt, 2)  # compiles
+        with torch.compiler.set_stance("fail_on_recompile"):  # other attended lengths reuse the graph
+            assert run(model, prompt, 12) == eager
+    finally:
+        model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
 def cli(*args, stdin=None):
