@@ -3,12 +3,17 @@
     python bench.py                                   # the default model, CPU
     python bench.py --shape llama-1b --device cuda    # random weights in a real model's shape
     python bench.py --checkpoint DIR --dtypes bfloat16 --compile on --batch-sizes 1,8 --json out.json --plot out.png
+    python bench.py --checkpoint DIR DIR-int8 DIR-int4 --dtypes bfloat16 --compile on --batch-sizes 1 --repeat 5
 
 Each configuration runs `generate.py --json --ignore-eos` in a fresh process (so compile time and peak
 memory are its own), greedy, with a fixed prompt. The machine's read bandwidth is measured in the same
 run, so that every speed is also given as a fraction of it: at batch 1 a decode step reads every weight
 once, so tok/s x bytes of weights is the bandwidth achieved, and bandwidth / bytes is the ceiling.
 Where `transformers` is installed, its eager `generate` on the same weights is added as a baseline row.
+
+Shared machines drift by tens of percent within minutes, so with --repeat N the whole matrix runs N times,
+one round after the other, and each row reports its median (and the range): every configuration sees the
+same drift, and their ratios hold where single timings do not.
 """
 import argparse
 import json
@@ -92,6 +97,7 @@ def weight_bytes(checkpoint: str, dtype: torch.dtype) -> int:
 
 
 def run_generate(checkpoint, device, dtype, compiled, batch, new_tokens):
+    """One generate.py process; its first row's figures (tok/s counts every row of the batch)."""
     cmd = [sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", checkpoint, "--device", device,
            "--dtype", dtype, "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json"]
     cmd += ["--prompt", PROMPT] * batch + (["--compile"] if compiled else [])
@@ -158,66 +164,95 @@ def hf_baseline(checkpoint, device, dtype, new_tokens):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="nimblelm benchmark matrix")
-    p.add_argument("--checkpoint", help="a converted checkpoint (default: the default model)")
+    p.add_argument("--checkpoint", nargs="+", help="converted checkpoints, e.g. one and its quantized copies "
+                                                  "(default: the default model)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="benchmark random weights of this shape instead")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--compile", default="off,on", help="off, on, or off,on")
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=1, help="run the matrix N times, interleaved; report medians")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--json", default="bench-results.json", help="where to write the results")
     p.add_argument("--plot", help="draw tok/s against the bandwidth ceiling into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
     device = torch.device(a.device)
     tmp = None
     if a.shape:
         tmp = tempfile.TemporaryDirectory()
-        checkpoint = tmp.name
-        write_random_checkpoint(SHAPES[a.shape], checkpoint)
+        checkpoints = [tmp.name]
+        write_random_checkpoint(SHAPES[a.shape], tmp.name)
     else:
         from generate import default_checkpoint
-        checkpoint = a.checkpoint or default_checkpoint()
+        checkpoints = a.checkpoint or [default_checkpoint()]
     bandwidth = measure_read_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}: measured read bandwidth {bandwidth:.1f} GB/s; checkpoint {a.shape or checkpoint}", flush=True)
+    print(f"{name}: measured read bandwidth {bandwidth:.1f} GB/s; checkpoints: {a.shape or ', '.join(checkpoints)}",
+          flush=True)
 
-    rows = []
-    for dtype in a.dtypes.split(","):
-        bytes_per_step = weight_bytes(checkpoint, getattr(torch, dtype))
-        for compiled in [c == "on" for c in a.compile.split(",")]:
-            for batch in map(int, a.batch_sizes.split(",")):
+    configs = []  # (checkpoint, dtype, compiled, batch, weight MB); None for batch: the HF baseline
+    for checkpoint in checkpoints:
+        for dtype in a.dtypes.split(","):
+            weight_mb = weight_bytes(checkpoint, getattr(torch, dtype)) / 1e6
+            configs += [(checkpoint, dtype, c == "on", batch, weight_mb)
+                        for c in a.compile.split(",") for batch in map(int, a.batch_sizes.split(","))]
+            if not a.no_hf and not quantization(checkpoint):
+                configs.append((checkpoint, dtype, False, None, weight_mb))
+    runs = {c: [] for c in configs}
+    for round_ in range(a.repeat):
+        if a.repeat > 1:
+            print(f"round {round_ + 1} of {a.repeat}", flush=True)
+        for c in configs:
+            checkpoint, dtype, compiled, batch, _ = c
+            if batch is None:
+                r = hf_baseline(checkpoint, device, getattr(torch, dtype), a.max_new_tokens)
+            else:
                 r = run_generate(checkpoint, a.device, dtype, compiled, batch, a.max_new_tokens)
-                rows.append(dict(r, engine="nimblelm", dtype=dtype, compiled=compiled, batch=batch,
-                                 weight_mb=bytes_per_step / 1e6))
-                print_row(rows[-1], bandwidth, flush_header=len(rows) == 1)
-        if not a.no_hf:
-            r = hf_baseline(checkpoint, device, getattr(torch, dtype), a.max_new_tokens)
             if r:
-                rows.append(dict(r, engine="transformers eager", dtype=dtype, compiled=False, batch=1,
-                                 weight_mb=bytes_per_step / 1e6))
-                print_row(rows[-1], bandwidth)
-    for r in rows:
-        r["bandwidth_gb_s"] = r["steps_s"] * r["weight_mb"] / 1e3
-        r["fraction_of_bandwidth"] = r["bandwidth_gb_s"] / bandwidth
-        r["ceiling_tok_s"] = bandwidth * 1e3 / r["weight_mb"]
+                runs[c].append(r)
+                label = "transformers eager" if batch is None else f"{'compiled' if compiled else 'eager'} batch {batch}"
+                print(f"  {quantization(checkpoint) or dtype} {label} ({checkpoint}): {r['tok_s']:.1f} tok/s", flush=True)
+    rows = []
+    for (checkpoint, dtype, compiled, batch, weight_mb), results in runs.items():
+        if not results:
+            continue  # no baseline for this model
+        results.sort(key=lambda r: r["steps_s"])
+        row = dict(results[len(results) // 2], weight_mb=weight_mb, dtype=dtype, compiled=compiled,
+                   engine="nimblelm" if batch else "transformers eager", batch=batch or 1,
+                   weights=quantization(checkpoint) or dtype, checkpoint=checkpoint,
+                   tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]])
+        row["bandwidth_gb_s"] = row["steps_s"] * weight_mb / 1e3
+        row["fraction_of_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
+        row["ceiling_tok_s"] = bandwidth * 1e3 / weight_mb
+        rows.append(row)
+    print_table(rows, a.repeat > 1)
     with open(a.json, "w") as f:
-        json.dump({"device": name, "read_bandwidth_gb_s": bandwidth, "checkpoint": a.shape or checkpoint,
-                   "max_new_tokens": a.max_new_tokens, "rows": rows}, f, indent=2)
+        json.dump({"device": name, "read_bandwidth_gb_s": bandwidth, "checkpoints": a.shape or checkpoints,
+                   "max_new_tokens": a.max_new_tokens, "repeat": a.repeat, "rows": rows}, f, indent=2)
     print(f"results written to {a.json}")
     if a.plot:
         plot(rows, bandwidth, name, a.plot)
 
 
-def print_row(r, bandwidth, flush_header=False):
-    if flush_header:
-        print(f"{'engine':<20}{'dtype':<10}{'compile':<9}{'batch':>5}{'tok/s':>9}{'GB/s':>8}{'% bw':>7}"
-              f"{'ttft ms':>9}{'peak GB':>9}{'compile s':>11}")
-    gbs = r["steps_s"] * r["weight_mb"] / 1e3
-    peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
-    print(f"{r['engine']:<20}{r['dtype']:<10}{'on' if r['compiled'] else 'off':<9}{r['batch']:>5}"
-          f"{r['tok_s']:>9.1f}{gbs:>8.1f}{100 * gbs / bandwidth:>6.0f}%{r['ttft_s'] * 1e3:>9.0f}{peak:>9}"
-          f"{r['compile_s']:>11.1f}", flush=True)
+def quantization(checkpoint) -> str:
+    """The checkpoint's weight scheme ("int4 g32", ...), or "" for float weights."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        q = json.load(f).get("quantization")
+    return "" if not q else q["mode"] + (f" g{q['groupsize']}" if q.get("groupsize") else "")
+
+
+def print_table(rows, with_range):
+    print(f"{'engine':<20}{'weights':<11}{'compile':<9}{'batch':>5}{'tok/s':>9}{'range':>14}{'GB/s':>8}"
+          f"{'% bw':>7}{'ttft ms':>9}{'peak GB':>9}{'compile s':>11}")
+    for r in rows:
+        peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+        spread = f"{r['tok_s_range'][0]:.1f}-{r['tok_s_range'][1]:.1f}" if with_range else "-"
+        print(f"{r['engine']:<20}{r['weights']:<11}{'on' if r['compiled'] else 'off':<9}{r['batch']:>5}"
+              f"{r['tok_s']:>9.1f}{spread:>14}{r['bandwidth_gb_s']:>8.1f}{100 * r['fraction_of_bandwidth']:>6.0f}%"
+              f"{r['ttft_s'] * 1e3:>9.0f}{peak:>9}{r['compile_s']:>11.1f}", flush=True)
 
 
 def plot(rows, bandwidth, name, path):
@@ -229,7 +264,7 @@ def plot(rows, bandwidth, name, path):
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
     batch1 = [r for r in rows if r["batch"] == 1]
-    labels = [f"{r['engine'].split()[0]}\n{r['dtype']}\n{'compiled' if r['compiled'] else 'eager'}" for r in batch1]
+    labels = [f"{r['engine'].split()[0]}\n{r['weights']}\n{'compiled' if r['compiled'] else 'eager'}" for r in batch1]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(batch1)), 4))
     ax.bar(labels, [r["tok_s"] for r in batch1], color="tab:blue")
     for i, r in enumerate(batch1):

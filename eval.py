@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import tp
 from generate import DTYPES, UsageError, load_model, pick_device
 from tokenizer import get_tokenizer
 
@@ -80,4 +81,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if tp.world_size() > 1:
+        tp.exit_rank(code)
+    sys.exit(code)

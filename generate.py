@@ -23,7 +23,11 @@ from contextlib import nullcontext
 from typing import Iterator, Optional
 
 import torch
-from torch.fx.experimental.sym_node import DynamicInt
+
+try:
+    from torch.fx.experimental.sym_node import DynamicInt  # an int that torch.compile treats as a symbol
+except ImportError:  # older PyTorch: a plain int, which costs one recompilation before it goes dynamic
+    DynamicInt = int
 
 import tp
 from model import ModelArgs, Transformer
@@ -648,4 +652,7 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    code = cli()
+    if tp.world_size() > 1:
+        tp.exit_rank(code)
+    sys.exit(code)

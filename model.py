@@ -209,12 +209,12 @@ class Transformer(nn.Module):
                 kv_len: Optional[int] = None) -> Tensor:
         """tokens [B, S] at cache positions input_pos [S] -> logits [B, S, vocab].
 
-        kv_len (optional) limits attention to the first kv_len cache slots, which must include every
-        position written so far: a decode step then reads the filled part of the cache, not all of it.
-
         left_pad [B] (optional) is the number of padding tokens at the start of each row: those cache
         slots are never attended to, and each row's RoPE positions start at 0 after its padding, so a
         left-padded row computes exactly what it computes alone.
+
+        kv_len (optional) limits attention to the first kv_len cache slots, which must include every
+        position written so far: a decode step then reads the filled part of the cache, not all of it.
         """
         assert self.max_seq_length, "call setup_caches() first"
         B = tokens.shape[0]

@@ -1,0 +1,26 @@
+"""bench.py: the matrix runs end to end and its JSON holds what the README says it does."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, converted_checkpoint
+
+
+def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
+    _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=3)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(ckpt),
+                        "--dtypes", "float32", "--compile", "off", "--batch-sizes", "1,2", "--repeat", "2",
+                        "--max-new-tokens", "6", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["repeat"] == 2 and result["read_bandwidth_gb_s"] > 0
+    rows = {(row["engine"], row["batch"]): row for row in result["rows"]}
+    assert set(rows) == {("nimblelm", 1), ("nimblelm", 2), ("transformers eager", 1)}
+    for row in rows.values():
+        low, high = row["tok_s_range"]
+        assert 0 < low <= row["tok_s"] <= high
+        assert row["bandwidth_gb_s"] > 0 and 0 < row["fraction_of_bandwidth"]
+    assert "round 2 of 2" in r.stdout and "% bw" in r.stdout
