@@ -29,6 +29,14 @@ def logits_of(model, tokens, input_pos, kv_len):
     return model(tokens, input_pos, None, kv_len)[0].float()
 
 
+def logits_at(step, model, tokens: list, pos: int):
+    """step (logits_of or a compiled copy) for the tokens at cache positions pos, pos + 1, ..."""
+    device = model.norm.weight.device
+    end = pos + len(tokens)
+    return step(model, torch.tensor([tokens], device=device), torch.arange(pos, end, device=device),
+                attended_length(model, end))
+
+
 # Separate names so that the target's verify step (k + 1 tokens) and the draft's step (one token) are
 # compiled as two graphs with static shapes, neither recompiling per step.
 verify_logits = logits_of
@@ -97,11 +105,9 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
         return None if greedy else probabilities(logits, temperature, top_k, top_p)
 
     with torch.inference_mode():
-        tokens = torch.tensor([prompt], device=device)
-        positions = torch.arange(T, device=device)
-        logits = logits_of(target, tokens, positions, attended_length(target, T))[-1:]
+        logits = logits_at(logits_of, target, prompt, 0)[-1:]
         if draft is not None:
-            draft(tokens, positions, None, attended_length(draft, T))
+            logits_at(logits_of, draft, prompt, 0)
         x = int(sample(logits, temperature, top_k, top_p))
         history, pos, emitted = list(prompt), T, 0  # x is the last token, not yet in either cache
         while True:
@@ -124,8 +130,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             else:
                 proposal, q, tok = [], [], x
                 for i in range(k):
-                    d_logits = draft_logits(draft, torch.tensor([[tok]], device=device),
-                                            torch.tensor([pos + i], device=device), attended_length(draft, pos + i + 1))
+                    d_logits = logits_at(draft_logits, draft, [tok], pos + i)
                     if greedy:
                         tok = int(d_logits.argmax(-1))
                     else:
@@ -135,8 +140,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             # 2. verify: always k + 1 tokens, so the compiled step has one shape (unused tail ignored)
             n = len(proposal)
             padded = [x] + proposal + [proposal[-1]] * (k - n)
-            p_logits = verify_logits(target, torch.tensor([padded], device=device),
-                                     torch.arange(pos, pos + k + 1, device=device), attended_length(target, pos + k + 1))
+            p_logits = logits_at(verify_logits, target, padded, pos)
             stats["target_steps"] += 1
             stats["proposed"] += n
             # 3. accept
@@ -151,8 +155,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             stats["accepted"] += accepted
             if draft is not None and accepted == k:
                 # the draft never read its own last proposal: write it, so its cache has the accepted text
-                draft_logits(draft, torch.tensor([[proposal[-1]]], device=device), torch.tensor([pos + k], device=device),
-                             attended_length(draft, pos + k + 1))
+                logits_at(draft_logits, draft, [proposal[-1]], pos + k)
             for d in proposal[:accepted]:
                 history.append(d)
                 yield d
