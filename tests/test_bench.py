@@ -12,7 +12,7 @@ def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(ckpt),
                         "--dtypes", "float32", "--compile", "off", "--batch-sizes", "1,2", "--repeat", "2",
-                        "--max-new-tokens", "6", "--json", str(out)],
+                        "--max-new-tokens", "24", "--json", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
@@ -24,3 +24,9 @@ def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
         assert 0 < low <= row["tok_s"] <= high
         assert row["bandwidth_gb_s"] > 0 and 0 < row["fraction_of_bandwidth"]
     assert "round 2 of 2" in r.stdout and "% bw" in r.stdout
+
+
+def test_bench_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(tmp_path), "--no-hf"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "not a converted checkpoint" in r.stderr and "Traceback" not in r.stderr
