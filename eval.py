@@ -81,7 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    code = main()
-    if tp.world_size() > 1:
-        tp.exit_rank(code)
-    sys.exit(code)
+    tp.exit_process(main())

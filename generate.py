@@ -652,7 +652,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = cli()
-    if tp.world_size() > 1:
-        tp.exit_rank(code)
-    sys.exit(code)
+    tp.exit_process(cli())
