@@ -196,13 +196,14 @@ def main(argv=None):
     print(f"{name}: measured read bandwidth {bandwidth:.1f} GB/s; checkpoints: {a.shape or ', '.join(checkpoints)}",
           flush=True)
 
+    scheme = {checkpoint: quantization(checkpoint) for checkpoint in checkpoints}  # "" for float weights
     configs = []  # (checkpoint, dtype, compiled, batch, weight MB); None for batch: the HF baseline
     for checkpoint in checkpoints:
         for dtype in a.dtypes.split(","):
             weight_mb = weight_bytes(checkpoint, getattr(torch, dtype)) / 1e6
             configs += [(checkpoint, dtype, c == "on", batch, weight_mb)
                         for c in a.compile.split(",") for batch in map(int, a.batch_sizes.split(","))]
-            if not a.no_hf and not quantization(checkpoint):
+            if not a.no_hf and not scheme[checkpoint]:
                 configs.append((checkpoint, dtype, False, None, weight_mb))
     runs = {c: [] for c in configs}
     for round_ in range(a.repeat):
@@ -217,7 +218,7 @@ def main(argv=None):
             if r:
                 runs[c].append(r)
                 label = "transformers eager" if batch is None else f"{'compiled' if compiled else 'eager'} batch {batch}"
-                print(f"  {quantization(checkpoint) or dtype} {label} ({checkpoint}): {r['tok_s']:.1f} tok/s", flush=True)
+                print(f"  {scheme[checkpoint] or dtype} {label} ({checkpoint}): {r['tok_s']:.1f} tok/s", flush=True)
     rows = []
     for (checkpoint, dtype, compiled, batch, weight_mb), results in runs.items():
         if not results:
@@ -225,7 +226,7 @@ def main(argv=None):
         results.sort(key=lambda r: r["steps_s"])
         row = dict(results[len(results) // 2], weight_mb=weight_mb, dtype=dtype, compiled=compiled,
                    engine="nimblelm" if batch else "transformers eager", batch=batch or 1,
-                   weights=quantization(checkpoint) or dtype, checkpoint=checkpoint,
+                   weights=scheme[checkpoint] or dtype, checkpoint=checkpoint,
                    tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]])
         row["bandwidth_gb_s"] = row["steps_s"] * weight_mb / 1e3
         row["fraction_of_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
