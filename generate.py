@@ -599,6 +599,9 @@ def main(argv=None):
         cache_len += a.speculate_k  # the verify step writes k slots past the text
     model.setup_caches(max_batch_size=max(1, len(prompts_ids)), max_seq_length=cache_len)
     draft = None
+    if speculative:
+        import speculative as spec
+        spec.pack_target(model)
     if a.draft_checkpoint:
         draft = load_model(a.draft_checkpoint, device=device, dtype=dtype)
         if draft.args.vocab_size != model.args.vocab_size:
@@ -610,7 +613,6 @@ def main(argv=None):
     compile_s = 0.0
     if a.compile or a.compile_prefill:
         if speculative:
-            import speculative as spec
             spec.compile_steps(device)
         else:
             compile_steps(device, prefill_too=a.compile_prefill)

@@ -99,14 +99,33 @@ def test_kv_caches_are_consistent_after_rejections(target_and_draft):
     prompt = [9, 8, 7, 6, 5, 4]
     out = list(S.speculative_generate(target, prompt, 20, k=4, draft=draft))
     text = prompt + out[:-1]  # everything written for good (the last token is not fed yet)
-    for model, path in zip((target, draft), target_and_draft[2]):
-        fresh = load_model(str(path))
-        fresh.setup_caches(1, 160)
-        fresh(torch.tensor([text]), torch.arange(len(text)))
-        for a, b in zip(model.layers, fresh.layers):
-            for cache in ("k_cache", "v_cache"):
-                torch.testing.assert_close(getattr(a.attention.kv_cache, cache)[:, :, :len(text)],
-                                           getattr(b.attention.kv_cache, cache)[:, :, :len(text)], atol=1e-5, rtol=0)
+    assert_cache_holds(target, target_and_draft[2][0], text)
+    # the draft may not have read the last accepted proposal yet (it reads it with the next round's token)
+    assert_cache_holds(draft, target_and_draft[2][1], text[:-1])
+
+
+def assert_cache_holds(model, path, text):
+    fresh = load_model(str(path))
+    fresh.setup_caches(1, 160)
+    fresh(torch.tensor([text]), torch.arange(len(text)))
+    for a, b in zip(model.layers, fresh.layers):
+        for cache in ("k_cache", "v_cache"):
+            torch.testing.assert_close(getattr(a.attention.kv_cache, cache)[:, :, :len(text)],
+                                       getattr(b.attention.kv_cache, cache)[:, :, :len(text)], atol=1e-5, rtol=0)
+
+
+def test_a_draft_that_is_always_right_catches_up_between_rounds(target_and_draft):
+    """With the target as its own draft every proposal is kept; the draft then reads its last proposal
+    together with the next round's first token, and still proposes the target's tokens."""
+    target, _, (target_dir, _) = target_and_draft
+    same = load_model(str(target_dir))
+    same.setup_caches(1, 160)
+    prompt = [4, 4, 2, 9, 1]
+    stats = {}
+    out = list(S.speculative_generate(target, prompt, 25, k=3, draft=same, stats=stats))
+    assert out == plain(target, prompt, 25)
+    assert stats["accepted"] == stats["proposed"] > 0
+    assert_cache_holds(same, target_dir, (prompt + out)[:-2])
 
 
 def test_command_line_reports_acceptance(target_and_draft):
@@ -122,3 +141,35 @@ def test_command_line_reports_acceptance(target_and_draft):
         assert 0 <= record["acceptance_rate"] <= 1 and record["tokens_per_target_step"] >= 1
     r = subprocess.run(base + ["--draft", "ngram", "--speculate-k", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_linear(dtype):
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bfloat16 support")
+    torch.manual_seed(0)
+    for bias in (False, True):
+        linear = torch.nn.Linear(64, 96, bias=bias).to(dtype)
+        packed = S.PackedLinear(linear)
+        for shape in ((1, 1, 64), (1, 5, 64), (2, 7, 64), (12, 64)):
+            x = torch.randn(shape, dtype=dtype)
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(packed(x), linear(x), **tol)
+
+
+def test_packed_target_verifies_exactly_and_compiles_without_breaks(target_and_draft):
+    _, draft, (target_dir, _) = target_and_draft
+    target = load_model(str(target_dir))
+    target.setup_caches(1, 160)
+    S.pack_target(target)
+    assert any(isinstance(m, S.PackedLinear) for m in target.modules())
+    assert target.output.weight is target.tok_embeddings.weight or not target.args.tie_embeddings
+    prompt = [2, 7, 1, 8, 2, 8, 1, 8]
+    expected = plain(target_and_draft[0], prompt, 32)
+    assert list(S.speculative_generate(target, prompt, 32, k=4, draft=draft)) == expected
+    # the verify step (k + 1 rows through the packed op) compiles as one graph, equal to eager
+    step = torch.compile(S.logits_of, fullgraph=True)
+    tokens, pos = torch.tensor([[3, 4, 5, 6, 7]]), torch.arange(8, 13)
+    with torch.inference_mode():
+        eager = S.logits_of(target, tokens, pos, 128)
+        torch.testing.assert_close(step(target, tokens, pos, 128), eager, atol=1e-4, rtol=1e-4)
