@@ -104,8 +104,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
     """[out, in / 2] bytes -> [out, in] weights in dtype. Each group's scale and zero are broadcast over
-    its values rather than repeated to full size: this runs on every prompt longer than the fused
-    kernel's limit, and the broadcast form is about 4x faster."""
+    its values, not repeated to full size: this runs for every long prompt, and the repeated form made a
+    42-token prompt of the int4 default model take 616 ms to prefill instead of 122."""
     out_features = packed.shape[0]
     q = unpack_int4(packed).view(out_features, -1, groupsize).float()  # [out, groups, groupsize]
     scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each

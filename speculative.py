@@ -80,8 +80,9 @@ class PackedLinear(nn.Module):
 def pack_target(model) -> None:
     """Give the target's float linear layers packed weights, where the CPU and its dtype allow."""
     dtype, device = model.norm.weight.dtype, model.norm.weight.device
-    if (device.type != "cpu" or not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16)
-            or (dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())):
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -89,8 +90,9 @@ def pack_target(model) -> None:
                 setattr(module, name, PackedLinear(child))
 
 
-# Separate names so that the target's verify step (k + 1 tokens) and the draft's step (one token) are
-# compiled as two graphs with static shapes, neither recompiling per step.
+# Separate names so that the target's verify step (k + 1 tokens) and the draft's steps (one token; two when
+# it catches up) compile as static graphs, none recompiling per step. They share the frame of logits_of, so
+# they are compiled with dynamic=False: else the first change of token count makes that count symbolic.
 verify_logits = logits_of
 draft_logits = logits_of
 
