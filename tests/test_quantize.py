@@ -49,7 +49,8 @@ def test_quantized_linear_layers_against_float_reference(rows, dtype):
     int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
     int4.bias = nn.Parameter(bias)
     int4.prepare()
-    tol = 1e-3 if dtype == torch.float32 else 0.15
+    # the fused CPU kernels take their input in bfloat16 even for a float32 model (quantize.KERNEL_DTYPE)
+    tol = 1e-2 if dtype == torch.float32 else 0.15
     for layer, deq in ((int8, int8.weight.float() * int8.scales[:, None]),
                        (int4, Q.dequantize_int4(int4.weight, int4.scales_and_zeros, 32))):
         layer.to(dtype)

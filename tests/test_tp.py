@@ -55,8 +55,9 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process(tmp_path_factory, t
     single = load_model(str(ckpt))
     single.setup_caches(1, 32)
     tokens = torch.arange(3, 19)[None] % single.args.vocab_size
+    # quantized layers round their outputs to bfloat16 (quantize.KERNEL_DTYPE), each rank its partial sum
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), single(tokens, torch.arange(16)),
-                               atol=1e-4, rtol=0)
+                               atol=1e-4 if mode is None else 5e-3, rtol=0)
     cli = ["generate.py", "--checkpoint", ckpt, "--prompt", "abcab", "--max-new-tokens", "16", "--json"]
     alone = subprocess.run([sys.executable, *map(str, cli)], capture_output=True, text=True, cwd=ROOT)
     r = torchrun(2, *cli)
