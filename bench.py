@@ -15,7 +15,6 @@ Shared machines drift by tens of percent within minutes, so with --repeat N the 
 one round after the other, and each row reports its median (and the range): every configuration sees the
 same drift, and their ratios hold where single timings do not.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -26,6 +25,9 @@ from dataclasses import asdict
 
 import torch
 
+from checkpoint import (build_on_meta, default_checkpoint, load_model, load_tokenizer, read_config,
+                        weight_bytes_per_token)
+from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,10 +88,7 @@ def measure_read_bandwidth(device: torch.device) -> float:
 
 def weight_bytes(checkpoint: str, dtype: torch.dtype) -> int:
     """Bytes a batch-1 decode step reads, computed as generate.py does, without loading the weights."""
-    from generate import build_on_meta, weight_bytes_per_token
-    with open(os.path.join(checkpoint, "config.json")) as f:
-        config = json.load(f)
-    model = build_on_meta(ModelArgs.from_dict(config), config.get("quantization"))
+    model = build_on_meta(*read_config(checkpoint))
     for t in model.state_dict(keep_vars=True).values():
         if t.is_floating_point():
             t.data = t.data.to(dtype)
@@ -117,7 +116,6 @@ def hf_baseline(checkpoint, device, dtype, new_tokens):
         import transformers
     except ImportError:
         return None
-    from generate import load_model
     ours = load_model(checkpoint, device=device, dtype=dtype)
     a = ours.args
     config = transformers.LlamaConfig(
@@ -143,8 +141,7 @@ def hf_baseline(checkpoint, device, dtype, new_tokens):
     hf = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     hf.load_state_dict(sd, strict=not a.tie_embeddings)
     del ours, sd
-    from tokenizer import get_tokenizer
-    ids = torch.tensor([get_tokenizer(checkpoint).encode(PROMPT)], device=device)
+    ids = torch.tensor([load_tokenizer(checkpoint).encode(PROMPT)], device=device)
 
     def timed(n):
         if device.type == "cuda":
@@ -163,7 +160,7 @@ def hf_baseline(checkpoint, device, dtype, new_tokens):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nimblelm benchmark matrix")
+    p = ArgumentParser(description="nimblelm benchmark matrix")
     p.add_argument("--checkpoint", nargs="+", help="converted checkpoints, e.g. one and its quantized copies "
                                                   "(default: the default model)")
     p.add_argument("--shape", choices=sorted(SHAPES), help="benchmark random weights of this shape instead")
@@ -178,7 +175,7 @@ def main(argv=None):
     p.add_argument("--plot", help="draw tok/s against the bandwidth ceiling into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
     if a.repeat < 1:
-        p.error("--repeat must be >= 1")
+        raise UsageError("--repeat must be >= 1")
     device = torch.device(a.device)
     tmp = None
     if a.shape:
@@ -186,11 +183,9 @@ def main(argv=None):
         checkpoints = [tmp.name]
         write_random_checkpoint(SHAPES[a.shape], tmp.name)
     else:
-        from generate import default_checkpoint
         checkpoints = a.checkpoint or [default_checkpoint()]
         for checkpoint in checkpoints:
-            if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-                p.error(f"{checkpoint}: not a converted checkpoint (no config.json)")
+            read_config(checkpoint)  # a directory that is not a checkpoint is refused before any run
     bandwidth = measure_read_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}: measured read bandwidth {bandwidth:.1f} GB/s; checkpoints: {a.shape or ', '.join(checkpoints)}",
@@ -244,8 +239,7 @@ def main(argv=None):
 
 def quantization(checkpoint) -> str:
     """The checkpoint's weight scheme ("int4 g32", ...), or "" for float weights."""
-    with open(os.path.join(checkpoint, "config.json")) as f:
-        q = json.load(f).get("quantization")
+    q = read_config(checkpoint)[1]
     return "" if not q else q["mode"] + (f" g{q['groupsize']}" if q.get("groupsize") else "")
 
 
@@ -282,4 +276,4 @@ def plot(rows, bandwidth, name, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

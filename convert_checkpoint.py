@@ -14,7 +14,6 @@ Every reader yields the weights under Hugging Face names and in Hugging Face's R
 half"); sources that interleave the rotated pairs (Meta, GGUF, llama2.c) are permuted here. The output is
 written to a temporary directory that is renamed into place only when complete.
 """
-import argparse
 import glob
 import json
 import os
@@ -26,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
+from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -33,8 +33,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
-class ConversionError(Exception):
-    pass
+class ConversionError(UsageError):
+    """A source that cannot be converted: named, in one line."""
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -548,7 +548,7 @@ def download_hf_repo(repo: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", help="HF or Meta directory, .gguf file, or llama2.c .bin file")
     parser.add_argument("--hf-repo", help="download this Hugging Face repo, then convert it")
     parser.add_argument("--out", required=True, help="the checkpoint directory to create")
@@ -556,23 +556,19 @@ def main(argv=None):
     parser.add_argument("--tokenizer", help="tokenizer.model for a llama2.c file")
     parser.add_argument("--max-seq-len", type=int, help="override the context length recorded in config.json")
     a = parser.parse_args(argv)
+    if a.dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {a.dtype!r} (choose from {', '.join(DTYPES)})")
+    if (a.source is None) == (a.hf_repo is None):
+        raise ConversionError("give either SOURCE or --hf-repo")
     try:
-        if a.dtype not in DTYPES:
-            raise ConversionError(f"unknown dtype {a.dtype!r} (choose from {', '.join(DTYPES)})")
-        if (a.source is None) == (a.hf_repo is None):
-            raise ConversionError("give either SOURCE or --hf-repo")
         source = download_hf_repo(a.hf_repo) if a.hf_repo else a.source
         args = convert(source, a.out, DTYPES[a.dtype], a.tokenizer, a.max_seq_len)
-    except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (ValueError, OSError) as e:  # a malformed source that the readers did not name themselves
+        raise ConversionError(str(e))
     print(f"wrote {a.out}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, {a.dtype}",
           file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -6,17 +6,15 @@ Windows of --max-seq-len tokens advance by --stride; each token is scored once, 
 where it has at least max_seq_len - stride tokens of context (all of them in the first window).
 The last line printed is `perplexity: X`, or, with --json, one JSON object.
 """
-import argparse
 import json
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import tp
-from generate import DTYPES, UsageError, load_model, pick_device
-from tokenizer import get_tokenizer
+from checkpoint import load_model, load_tokenizer, pick_device, pick_dtype
+from errors import ArgumentParser, UsageError, run_command
 
 
 def perplexity(model, ids: list, max_seq_len: int, stride: int) -> tuple:
@@ -44,7 +42,7 @@ def perplexity(model, ids: list, max_seq_len: int, stride: int) -> tuple:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Perplexity of a checkpoint on a text file.")
+    p = ArgumentParser(description="Perplexity of a checkpoint on a text file.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--max-seq-len", type=int, default=512, help="window length in tokens")
@@ -53,26 +51,22 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    stride = a.stride or max(1, a.max_seq_len // 2)
+    if not 0 < stride <= a.max_seq_len - 1:
+        raise UsageError(f"--stride must be in [1, {a.max_seq_len - 1}], not {stride}")
     try:
-        if a.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {a.dtype!r} (choose from {', '.join(DTYPES)})")
-        stride = a.stride or max(1, a.max_seq_len // 2)
-        if not 0 < stride <= a.max_seq_len - 1:
-            raise UsageError(f"--stride must be in [1, {a.max_seq_len - 1}], not {stride}")
-        model = load_model(a.checkpoint, device=pick_device(a.device), dtype=DTYPES[a.dtype])
-        if a.max_seq_len > model.args.max_seq_len:
-            raise UsageError(f"--max-seq-len {a.max_seq_len} exceeds the model's context of {model.args.max_seq_len}")
-        try:
-            with open(a.text, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{a.text}: cannot read it as UTF-8 text ({e})")
-        tok = get_tokenizer(a.checkpoint)
-        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)
-        ppl, n = perplexity(model, ids, a.max_seq_len, stride)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with open(a.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{a.text}: cannot read it as UTF-8 text ({e})")
+    model = load_model(a.checkpoint, device=device, dtype=dtype)
+    tok = load_tokenizer(a.checkpoint)
+    if a.max_seq_len > model.args.max_seq_len:
+        raise UsageError(f"--max-seq-len {a.max_seq_len} exceeds the model's context of {model.args.max_seq_len}")
+    ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)
+    ppl, n = perplexity(model, ids, a.max_seq_len, stride)
     if a.json:
         print(json.dumps({"perplexity": ppl, "tokens": n, "checkpoint": a.checkpoint, "text": a.text}))
     else:
@@ -81,4 +75,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tp.exit_process(main())
+    tp.exit_process(run_command(main))

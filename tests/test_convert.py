@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, make_hf_model, save_hf_model, write_byte_tokenizer
 from convert_checkpoint import ConversionError, convert, interleaved_to_half
-from generate import UsageError, load_model
+from checkpoint import load_model
+from errors import UsageError
 
 
 def half_to_interleaved(w, n_heads):
@@ -266,7 +267,7 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     write_gguf(tmp_path / "m.gguf", hf, gguf.GGMLQuantizationType.F32, arch="gpt2")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), str(tmp_path / "m.gguf"),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'm.gguf'}: GGUF architecture 'gpt2' is not "
                                              "supported (only 'llama')"]
     assert not (tmp_path / "out").exists()

@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-import generate as G
+import decode as G
+from checkpoint import load_model
 from conftest import ROOT, converted_checkpoint
-from generate import TextStream, generate, load_model
+from decode import Steps, TextStream, generate
+from sampling import SamplingParams, sample
 from tokenizer import get_tokenizer
 
 
@@ -22,8 +24,8 @@ def tiny(tmp_path_factory):
     return hf, model, str(out)
 
 
-def run(model, prompt, n, **kw):
-    return list(generate(model, prompt, n, **kw))
+def run(model, prompt, n, eos_ids=(), steps=None, **sampling):
+    return list(generate(model, prompt, SamplingParams(max_tokens=n, **sampling), eos_ids=eos_ids, steps=steps))
 
 
 @pytest.mark.parametrize("prompt_len", [12, G.KV_BLOCK - 10])  # the second crosses a KV block
@@ -84,13 +86,13 @@ def test_same_seed_same_samples(tiny):
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
     torch.manual_seed(0)
-    draws = torch.stack([G.sample(logits, temperature=1.0) for _ in range(20000)])
+    draws = torch.stack([sample(logits, temperature=1.0) for _ in range(20000)])
     freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
     torch.testing.assert_close(freq, logits.softmax(-1)[0], atol=0.015, rtol=0)
-    draws = torch.stack([G.sample(logits, temperature=1.0, top_k=2) for _ in range(4000)]).flatten()
+    draws = torch.stack([sample(logits, temperature=1.0, top_k=2) for _ in range(4000)]).flatten()
     assert set(draws.tolist()) == {1, 2}
     # top_p 0.8: 2 (0.64) alone is short of 0.8, so 1 (0.24) is kept too, and nothing else
-    draws = torch.stack([G.sample(logits, temperature=1.0, top_p=0.8) for _ in range(4000)]).flatten()
+    draws = torch.stack([sample(logits, temperature=1.0, top_p=0.8) for _ in range(4000)]).flatten()
     assert set(draws.tolist()) == {1, 2}
 
 
@@ -121,17 +123,17 @@ def test_streamed_text_equals_whole_decode(default_checkpoint):
     assert streamed == tok.decode(ids) == text
 
 
-def test_compiled_decode_equals_eager_and_compiles_once(tiny, monkeypatch):
+def test_compiled_decode_equals_eager_and_compiles_once(tiny):
     _, model, _ = tiny
     model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
     prompt = list(range(1, G.KV_BLOCK - 4))  # the text crosses into the second block, the cache's last
     try:
         eager = run(model, prompt, 12)
-        monkeypatch.setattr(G, "decode_step", G.decode_step)  # restored after the test
-        G.compile_steps(torch.device("cpu"))
-        run(model, prompt, 2)  # compiles
+        steps = Steps(model, compile=True)
+        assert steps.prefill is G.prefill and steps.decode is not G.decode_step  # a value, no global rebound
+        run(model, prompt, 2, steps=steps)  # compiles
         with torch.compiler.set_stance("fail_on_recompile"):  # other attended lengths reuse the graph
-            assert run(model, prompt, 12) == eager
+            assert run(model, prompt, 12, steps=steps) == eager
     finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
@@ -185,7 +187,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path):
         full = (["--checkpoint", ckpt] if "--checkpoint" not in args else []) + (
             ["--prompt", "hi"] if "--prompt" not in args else []) + args
         r = cli(*full)
-        assert r.returncode != 0, args
+        assert r.returncode == 2, args
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
         assert r.stdout == ""
@@ -219,7 +221,7 @@ def test_interactive_keeps_the_cache_between_turns(default_checkpoint):
     prompt = tok.encode_chat(messages)
     model.setup_caches(1, len(prompt) + 30)
     ids = []
-    for t in generate(model, prompt, 30, eos_ids=tok.eos_ids):
+    for t in generate(model, prompt, SamplingParams(max_tokens=30), eos_ids=tok.eos_ids):
         if t in tok.eos_ids:
             break
         ids.append(t)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, converted_checkpoint
-from generate import load_model
+from checkpoint import load_model
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

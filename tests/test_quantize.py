@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import qlinear
 import quantize as Q
 from conftest import ROOT, converted_checkpoint
-from generate import load_model
+from checkpoint import load_model
 
 
 def english_text(chars):
@@ -31,10 +32,10 @@ def test_int4_round_trip_within_half_a_step(groupsize):
     w = torch.randn(48, 128)
     packed, sz = Q.quantize_int4(w, groupsize)
     assert packed.shape == (48, 64) and sz.shape == (128 // groupsize, 48, 2)
-    deq = Q.dequantize_int4(packed, sz, groupsize)
+    deq = qlinear.dequantize_int4(packed, sz, groupsize)
     step = sz[..., 0].t().repeat_interleave(groupsize, dim=1)
     assert ((deq - w).abs() <= step / 2 + 1e-5).all()
-    assert torch.equal(Q.unpack_int4(packed), Q.unpack_int4(Q.pack_int4(Q.unpack_int4(packed))))
+    assert torch.equal(qlinear.unpack_int4(packed), qlinear.unpack_int4(qlinear.pack_int4(qlinear.unpack_int4(packed))))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])  # the fused kernels, and the dequantize path for many rows
@@ -42,17 +43,17 @@ def test_int4_round_trip_within_half_a_step(groupsize):
 def test_quantized_linear_layers_against_float_reference(rows, dtype):
     torch.manual_seed(0)
     w, bias, x = torch.randn(96, 128), torch.randn(96), torch.randn(2, rows, 128)
-    int8 = Q.Int8Linear(128, 96, bias=True)
+    int8 = qlinear.Int8Linear(128, 96, bias=True)
     int8.weight, int8.scales = Q.quantize_int8(w)
     int8.bias = nn.Parameter(bias)
-    int4 = Q.Int4Linear(128, 96, bias=True, groupsize=32)
+    int4 = qlinear.Int4Linear(128, 96, bias=True, groupsize=32)
     int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
     int4.bias = nn.Parameter(bias)
     int4.prepare()
     # the fused CPU kernels take their input in bfloat16 even for a float32 model (quantize.KERNEL_DTYPE)
     tol = 1e-2 if dtype == torch.float32 else 0.15
     for layer, deq in ((int8, int8.weight.float() * int8.scales[:, None]),
-                       (int4, Q.dequantize_int4(int4.weight, int4.scales_and_zeros, 32))):
+                       (int4, qlinear.dequantize_int4(int4.weight, int4.scales_and_zeros, 32))):
         layer.to(dtype)
         expected = torch.nn.functional.linear(x.float(), deq, bias)
         got = layer(x.to(dtype)).float()
@@ -65,8 +66,8 @@ def test_gptq_lowers_the_reconstruction_error():
     x = torch.randn(2048, 64) @ torch.randn(64, 128) + 0.1 * torch.randn(2048, 128)
     w = torch.randn(96, 128)
     H = 2 * x.t() @ x / x.shape[0]
-    rtn = Q.dequantize_int4(*Q.quantize_int4(w, 32), 32)
-    gptq = Q.dequantize_int4(*Q.gptq_int4(w, H, 32), 32)
+    rtn = qlinear.dequantize_int4(*Q.quantize_int4(w, 32), 32)
+    gptq = qlinear.dequantize_int4(*Q.gptq_int4(w, H, 32), 32)
     err = lambda wq: ((x @ (wq - w).t()) ** 2).mean().item()
     assert err(gptq) < 0.7 * err(rtn)
 
@@ -91,7 +92,7 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["mode"] == ("int8" if mode == "int8" else "int4")
     model = load_model(str(out))
-    assert isinstance(model.output, Q.Int8Linear if mode == "int8" else Q.Int4Linear)
+    assert isinstance(model.output, qlinear.Int8Linear if mode == "int8" else qlinear.Int4Linear)
     # the fused CPU kernels read with aligned vector loads: nothing may point into the mapped file unaligned
     assert all(t.data_ptr() % 64 == 0 for t in model.state_dict().values())
     assert model.tok_embeddings.weight.dtype == torch.float32  # the tied embedding stays in float
@@ -137,12 +138,12 @@ def test_bad_input_is_refused(tiny_checkpoint, tmp_path):
     for args, message in cases:
         r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", *args)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
         assert not (tmp_path / "x").exists()
     # a group size that does not divide a layer's input dimension (head_dim 24 x 4 heads = 96 inputs to wo)
     r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", "--mode", "int4", "--groupsize", "64")
-    assert r.returncode != 0 and "group size 64 does not divide the input dimension 96" in r.stderr
+    assert r.returncode == 2 and "group size 64 does not divide the input dimension 96" in r.stderr
     # quantizing a quantized checkpoint
     assert run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "q", "--mode", "int8").returncode == 0
     r = run("quantize.py", "--checkpoint", tmp_path / "q", "--out", tmp_path / "qq", "--mode", "int4")
-    assert r.returncode != 0 and "is already quantized (int8)" in r.stderr
+    assert r.returncode == 2 and "is already quantized (int8)" in r.stderr

@@ -9,7 +9,9 @@ import torch
 
 import speculative as S
 from conftest import ROOT, converted_checkpoint
-from generate import generate, load_model
+from checkpoint import load_model
+from decode import generate
+from sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def target_and_draft(tmp_path_factory):
 
 
 def plain(model, prompt, n):
-    return list(generate(model, prompt, n))
+    return list(generate(model, prompt, SamplingParams(max_tokens=n)))
 
 
 def test_greedy_with_a_draft_model_equals_plain_decoding(target_and_draft):
@@ -31,7 +33,7 @@ def test_greedy_with_a_draft_model_equals_plain_decoding(target_and_draft):
     prompt = torch.randint(0, 128, (10,), generator=torch.Generator().manual_seed(0)).tolist()
     expected = plain(target, prompt, 64)
     stats = {}
-    got = list(S.speculative_generate(target, prompt, 64, k=4, draft=draft, stats=stats))
+    got = list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=64), k=4, draft=draft, stats=stats))
     assert got == expected
     assert stats["proposed"] > 0 and stats["accepted"] < stats["proposed"]  # rejections happened
 
@@ -41,7 +43,7 @@ def test_greedy_with_prompt_lookup_equals_plain_decoding(target_and_draft):
     prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]
     expected = plain(target, prompt, 64)
     stats = {}
-    assert list(S.speculative_generate(target, prompt, 64, k=5, stats=stats)) == expected
+    assert list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=64), k=5, stats=stats)) == expected
     assert stats["proposed"] > 0
 
 
@@ -52,7 +54,7 @@ def test_prompt_lookup_without_a_match_falls_back_to_plain_decoding(target_and_d
     prompt = list(range(20, 30))
     expected = plain(target, prompt, 3)
     stats = {}
-    got = list(S.speculative_generate(target, prompt, 3, k=4, stats=stats))
+    got = list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=3), k=4, stats=stats))
     assert got == expected
     if len(set(prompt + got)) == len(prompt + got):  # no repeat at all: every step was a plain one
         assert stats["proposed"] == 0 and stats["target_steps"] == 3
@@ -90,14 +92,15 @@ def test_sampled_speculation_is_reproducible_and_valid(target_and_draft):
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
-        runs.append(list(S.speculative_generate(target, prompt, 24, k=3, draft=draft, temperature=1.0, top_k=20)))
+        params = SamplingParams(max_tokens=24, temperature=1.0, top_k=20)
+        runs.append(list(S.speculative_generate(target, prompt, params, k=3, draft=draft)))
     assert runs[0] == runs[1] and len(runs[0]) == 24 and all(0 <= t < 128 for t in runs[0])
 
 
 def test_kv_caches_are_consistent_after_rejections(target_and_draft):
     target, draft, _ = target_and_draft
     prompt = [9, 8, 7, 6, 5, 4]
-    out = list(S.speculative_generate(target, prompt, 20, k=4, draft=draft))
+    out = list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=20), k=4, draft=draft))
     text = prompt + out[:-1]  # everything written for good (the last token is not fed yet)
     assert_cache_holds(target, target_and_draft[2][0], text)
     # the draft may not have read the last accepted proposal yet (it reads it with the next round's token)
@@ -122,7 +125,7 @@ def test_a_draft_that_is_always_right_catches_up_between_rounds(target_and_draft
     same.setup_caches(1, 160)
     prompt = [4, 4, 2, 9, 1]
     stats = {}
-    out = list(S.speculative_generate(target, prompt, 25, k=3, draft=same, stats=stats))
+    out = list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=25), k=3, draft=same, stats=stats))
     assert out == plain(target, prompt, 25)
     assert stats["accepted"] == stats["proposed"] > 0
     assert_cache_holds(same, target_dir, (prompt + out)[:-2])
@@ -140,7 +143,7 @@ def test_command_line_reports_acceptance(target_and_draft):
         assert record["text"] == json.loads(plain_run.stdout)["text"]
         assert 0 <= record["acceptance_rate"] <= 1 and record["tokens_per_target_step"] >= 1
     r = subprocess.run(base + ["--draft", "ngram", "--speculate-k", "0"], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -166,7 +169,7 @@ def test_packed_target_verifies_exactly_and_compiles_without_breaks(target_and_d
     assert target.output.weight is target.tok_embeddings.weight or not target.args.tie_embeddings
     prompt = [2, 7, 1, 8, 2, 8, 1, 8]
     expected = plain(target_and_draft[0], prompt, 32)
-    assert list(S.speculative_generate(target, prompt, 32, k=4, draft=draft)) == expected
+    assert list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=32), k=4, draft=draft)) == expected
     # the verify step (k + 1 rows through the packed op) compiles as one graph, equal to eager
     step = torch.compile(S.logits_of, fullgraph=True)
     tokens, pos = torch.tensor([[3, 4, 5, 6, 7]]), torch.arange(8, 13)

@@ -11,14 +11,14 @@ import torch
 import tp
 from bench import write_random_checkpoint
 from conftest import ROOT, converted_checkpoint
-from generate import load_model
+from checkpoint import load_model
 from model import ModelArgs
 
 WORKER = '''
 import sys, torch
 sys.path.insert(0, {root!r})
 import tp
-from generate import load_model
+from checkpoint import load_model
 model = load_model({ckpt!r})
 model.setup_caches(1, 32)
 tokens = torch.arange(3, 19)[None] % model.args.vocab_size

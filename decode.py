@@ -1,0 +1,202 @@
+"""Decoding: the prefill and decode steps (eager or compiled, kept on a Steps object), the decode loop
+generate(), and TextStream, which turns tokens into printable text and finds stop strings.
+
+    model.setup_caches(max_batch_size=1, max_seq_length=256)
+    steps = Steps(model, compile=True)                    # once per model
+    for token in generate(model, prompt_ids, SamplingParams(max_tokens=50), eos_ids=tok.eos_ids, steps=steps):
+        ...
+
+Decoding runs over the model's static KV cache, so a compiled decode step is one fixed graph (CUDA graphs
+on CUDA). Sampling happens on the device; the only host transfer per step is the new token.
+"""
+from typing import Iterator, Optional
+
+import torch
+
+from errors import UsageError
+from model import Transformer
+from sampling import SamplingParams, sample
+
+try:
+    from torch.fx.experimental.sym_node import DynamicInt  # an int that torch.compile treats as a symbol
+except ImportError:  # older PyTorch: a plain int, which costs one recompilation before it goes dynamic
+    DynamicInt = int
+
+# Each step attends to the filled part of the KV cache, rounded up to a multiple of KV_BLOCK slots, not to
+# the whole cache: with a long cache and a short text, attending to every slot costs more than reading
+# the weights. The length is a DynamicInt, so torch.compile makes it a symbolic size: one compiled graph
+# serves every length, and nothing recompiles as the text grows.
+KV_BLOCK = 128
+
+
+def attended_length(model: Transformer, n_filled: int) -> int:
+    return DynamicInt(min(model.max_seq_length, -(-n_filled // KV_BLOCK) * KV_BLOCK))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The steps, and the object that holds them compiled
+
+
+def prefill(model, tokens, input_pos, left_pad, kv_len, temperature, top_k, top_p):
+    """tokens [B, S] at cache positions input_pos [S] -> the next token per row [B]."""
+    logits = model(tokens, input_pos, left_pad, kv_len)
+    return sample(logits[:, -1], temperature, top_k, top_p)
+
+
+def decode_step(model, token, input_pos, left_pad, kv_len, temperature, top_k, top_p):
+    """One token per row [B] at cache position input_pos [1] -> the next token per row [B], attending to
+    the first kv_len cache slots."""
+    logits = model(token[:, None], input_pos, left_pad, kv_len)
+    return sample(logits[:, -1], temperature, top_k, top_p)
+
+
+def inductor_options(device: torch.device) -> Optional[dict]:
+    """Inductor settings for our compiled steps, passed to torch.compile so that they apply to these
+    compilations only.
+
+    On the CPU at batch 1 every linear layer is a matrix-vector product, bound by memory. oneDNN's GEMV
+    streams bfloat16 weights well below the machine's bandwidth; Inductor's decompose-mm pass rewrites
+    such a product as a multiply-and-sum, which it compiles into a vectorised loop that streams the
+    weight faster (BENCHMARKS.md). The pass is off by default and is turned on here, per compilation. Its
+    size limit (2048) would leave out the largest weight of all, the output head: PyTorch reads that
+    limit from a module variable, not from the per-compilation settings, so it is raised there. That
+    changes nothing for compilations that do not turn the pass on.
+    """
+    if device.type != "cpu":
+        return None
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
+    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+
+class Steps:
+    """A model's prefill and decode step, eager or compiled. Make one per model (with its caches set up)
+    and pass it to every generate() call: the compiled graphs live on this object, and nothing global
+    changes."""
+
+    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False):
+        self.device = model.norm.weight.device
+        self.prefill, self.decode = prefill, decode_step
+        if compile:
+            self.decode = self.compiled(decode_step)
+        if compile_prefill:
+            self.prefill = self.compiled(prefill, dynamic=True)
+
+    def compiled(self, fn, **kwargs):
+        """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
+        the whole step as one launch, so its many small kernels cost no host time."""
+        if self.device.type == "cuda":
+            return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
+        return torch.compile(fn, options=inductor_options(self.device), fullgraph=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decode loop
+
+
+def generate(model: Transformer, prompt_tokens, params: SamplingParams = SamplingParams(), *, eos_ids=(),
+             start_pos: int = 0, steps: Optional[Steps] = None) -> Iterator:
+    """Yield new tokens as they are produced.
+
+    prompt_tokens: a list of ids (yields ints) or a list of such lists, a batch of prompts of any lengths
+    (yields a list with one id per row at each step; a row that has finished yields None).
+    The caches must be set up (model.setup_caches) with room for the prompts and params.max_tokens.
+    start_pos continues a conversation whose first start_pos cache slots are already filled (batch 1).
+    Stops after params.max_tokens, or once every row has produced one of eos_ids (that token is yielded;
+    with params.ignore_eos they are ordinary tokens). Stop strings are text: TextStream finds them.
+    steps: the model's Steps (eager ones when None).
+    """
+    single = not prompt_tokens or isinstance(prompt_tokens[0], int)
+    rows = [list(prompt_tokens)] if single else [list(p) for p in prompt_tokens]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise UsageError("empty prompt")
+    max_new = params.max_tokens
+    if max_new <= 0:
+        return
+    steps = steps or Steps(model)
+    eos_ids = () if params.ignore_eos else eos_ids
+    sampling = (params.temperature, params.top_k, params.top_p)
+    device = model.norm.weight.device
+    B, T = len(rows), max(len(r) for r in rows)
+    if B > model.max_batch_size or start_pos + T + max_new - 1 > model.max_seq_length:
+        raise UsageError(f"the KV cache (batch {model.max_batch_size}, {model.max_seq_length} positions) is too "
+                         f"small for {B} prompt(s) of up to {T} tokens plus {max_new} new tokens")
+    if start_pos and B > 1:
+        raise UsageError("start_pos continues batch-1 conversations only")
+    left_pad = None
+    if any(len(r) != T for r in rows):
+        # Left-pad to a common length; the model masks the padding and shifts each row's positions.
+        left_pad = torch.tensor([T - len(r) for r in rows], device=device)
+        rows = [[0] * (T - len(r)) + r for r in rows]
+    tokens = torch.tensor(rows, device=device)
+    finished = [False] * B
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+
+    with torch.inference_mode():
+        token = steps.prefill(model, tokens, torch.arange(start_pos, start_pos + T, device=device), left_pad,
+                              attended_length(model, start_pos + T), *sampling)
+        input_pos = torch.tensor([start_pos + T], device=device)
+        cuda = device.type == "cuda"
+        for step in range(max_new):
+            # Queue the copy of token n to the host, then step n+1, and only then wait for the copy:
+            # the device computes step n+1 while the host yields and prints token n. (When token n ends
+            # the text, step n+1 was queued for nothing; it only wrote a cache slot that is never read.)
+            # The clone takes the token out of the step's output buffer, which a CUDA graph reuses.
+            token = token.clone()
+            token_host = token.to("cpu", non_blocking=cuda)
+            copied = torch.cuda.Event() if cuda else None
+            if copied:
+                copied.record()
+            if step + 1 < max_new:
+                pos = start_pos + T + step
+                next_token = steps.decode(model, token, input_pos, left_pad, attended_length(model, pos + 1),
+                                          *sampling)
+                input_pos = input_pos + 1
+            if copied:
+                copied.synchronize()
+            ids = token_host.tolist()  # the one host transfer per step
+            yield ids[0] if single else [None if f else i for i, f in zip(ids, finished)]
+            finished = [f or i in eos_ids for i, f in zip(ids, finished)]
+            if all(finished) or step + 1 == max_new:
+                return
+            token = next_token
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text: incremental detokenisation and stop strings
+
+
+class TextStream:
+    """Turns a row's growing list of token ids into text deltas that are safe to print: no half of a
+    multi-byte character, no start of a stop string that may yet complete, nothing past a stop string."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
+        self.ids, self.text, self.printed, self.stopped = [], "", 0, False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence; wait for its remaining bytes
+        self.text = text
+        safe = len(text)
+        for stop in self.stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                self.stopped, self.text, safe = True, text[:at], min(safe, at)
+        if not self.stopped:
+            for stop in self.stop_strings:  # hold back a suffix that might begin a stop string
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        delta = text[self.printed:safe] if safe > self.printed else ""
+        self.printed = max(self.printed, safe)
+        return delta
+
+    def flush(self) -> str:
+        delta = self.text[self.printed:]
+        self.printed = len(self.text)
+        return delta

@@ -1,0 +1,112 @@
+"""The quantized linear layers that loading puts in place of nn.Linear, and the int4 storage format.
+
+- Int8Linear: symmetric int8, one scale per output channel: w = q * scale, q in [-127, 127].
+- Int4Linear: asymmetric int4, one scale and zero point per group of `groupsize` inputs:
+  w = (q - 8) * scale + zero, q in [0, 15], stored two to a byte (even input index in the low nibble).
+
+On the CPU each layer runs PyTorch's fused weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) for the few rows of a decode step; for a prompt of many rows, and on
+other devices, it dequantizes the weight and uses the float matmul. quantize.py writes these layers'
+tensors; checkpoint.py builds the layers and loads them.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The fused CPU kernels are made for decoding: their time grows with every row, so beyond these many rows
+# dequantizing the weight once and using the float matmul is faster (crossovers in BENCHMARKS.md).
+INT8_FUSED_MAX_ROWS = 16
+INT4_FUSED_MAX_ROWS = 128
+# The fused CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16 whatever the
+# model's dtype; the rounding of the layer's input and output is well below the quantized weights' error.
+KERNEL_DTYPE = torch.bfloat16
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features, out_features, bias=False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
+                                                   self.scales.to(KERNEL_DTYPE))
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features, out_features, bias=False, groupsize=32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # [in / groupsize, out, 2]: (scale, zero) per group, the layout PyTorch's int4 kernels take
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
+                                                             dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        # the CPU kernel's layout and scales, made by prepare()
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
+
+    def prepare(self):
+        """Repack for the device's kernel, once the weights are loaded where they will run."""
+        if self.weight.device.type == "cpu":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
+            # Kept in the kernel's dtype: converting the float32 scales at every step would re-read them.
+            self.kernel_scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
+
+    def forward(self, x):
+        if self.packed is not None and x[..., 0].numel() <= INT4_FUSED_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
+                self.kernel_scales_and_zeros.to(KERNEL_DTYPE))  # a no-op unless the module was cast since
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize, x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in / 2] bytes -> [out, in] values 0..15."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 -> [out, in / 2] bytes."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
+    """[out, in / 2] bytes -> [out, in] weights in dtype. Each group's scale and zero are broadcast over
+    its values rather than repeated to full size: this runs for every long prompt."""
+    out_features = packed.shape[0]
+    q = unpack_int4(packed).view(out_features, -1, groupsize).float()  # [out, groups, groupsize]
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
+    return (q * scale[..., None] + (zero - 8 * scale)[..., None]).view(out_features, -1).to(dtype)
+
+
+def replace_linears(model: nn.Module, quantization: dict):
+    """Swap every nn.Linear of the model (built on the meta device) for its quantized counterpart."""
+    mode, groupsize = quantization["mode"], quantization.get("groupsize")
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                if mode == "int8":
+                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, device="meta")
+                else:
+                    new = Int4Linear(child.in_features, child.out_features, child.bias is not None, groupsize,
+                                     device="meta")
+                setattr(module, child_name, new)
+
+
+def prepare(model: nn.Module):
+    """Repack every int4 layer for the kernels of the device its weights are on."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.prepare()

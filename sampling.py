@@ -1,0 +1,88 @@
+"""How the next token is chosen: the per-request options, validated, and sampling on the device.
+
+    params = SamplingParams(max_tokens=100, temperature=0.8, top_p=0.95, seed=1, stop=("\\n\\n",))
+    token = sample(logits, params.temperature, params.top_k, params.top_p)   # logits [B, vocab] -> [B]
+
+The command line builds one SamplingParams from its flags; the decode loop, speculative decoding and
+the serving engine take it as it is.
+"""
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 200               # new tokens at most
+    temperature: float = 0.0            # 0: greedy (argmax)
+    top_k: Optional[int] = None         # sample among the k most likely tokens only
+    top_p: Optional[float] = None       # ... among the fewest most likely tokens whose probability reaches top_p
+    seed: Optional[int] = None          # seeds torch's generator when decoding starts: same seed, same tokens
+    stop: tuple = ()                    # the text ends where one of these strings appears (not included)
+    ignore_eos: bool = False            # go on past end-of-text tokens (for benchmarks)
+
+    def __post_init__(self):
+        def number(name, integer, low, low_ok=True, high=None, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            kind = numbers.Integral if integer else numbers.Real
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UsageError(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", name)
+            if value < low or (value == low and not low_ok) or (high is not None and value > high):
+                if high is None:
+                    bound = f"{'>=' if low_ok else '>'} {low}"
+                else:
+                    bound = f"in {'[' if low_ok else '('}{low}, {high}]"
+                raise UsageError(f"{name} must be {bound}, not {value}", name)
+
+        number("max_tokens", True, 0)
+        number("temperature", False, 0)
+        number("top_k", True, 1, optional=True)
+        number("top_p", False, 0, low_ok=False, high=1, optional=True)
+        number("seed", True, -(1 << 63), high=(1 << 64) - 1, optional=True)  # what torch.manual_seed takes
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise UsageError(f"stop must be a string or a list of strings, not {self.stop!r}", "stop")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        if not isinstance(self.ignore_eos, bool):
+            raise UsageError(f"ignore_eos must be true or false, not {self.ignore_eos!r}", "ignore_eos")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None) -> torch.Tensor:
+    """logits [B, vocab] -> the sampling distribution [B, vocab] (float32) for temperature > 0."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already cover top_p; the most likely is always kept.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(dim=-1)
+
+
+def sample_from(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs [B, vocab]. Exponential race: argmax(p / E), E ~ Exp(1), is a draw from
+    p and needs no host synchronisation."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None) -> torch.Tensor:
+    """logits [B, vocab] -> tokens [B], on the device and without a host synchronisation."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return sample_from(probabilities(logits, temperature, top_k, top_p))
