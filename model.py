@@ -8,6 +8,12 @@ Usage:
     model.setup_caches(max_batch_size=1, max_seq_length=2048)
     logits = model(tokens, input_pos)      # tokens [B, S], input_pos [S] -> logits [B, S, vocab]
 
+Two KV caches: the static one above (one row of max_seq_length slots per batch row), and a paged one for
+serving many sequences (PagedAttention): one pool of fixed-size blocks per layer, each sequence's
+K/V in the blocks its block table lists, each row at its own positions:
+    model.setup_paged_cache(num_blocks=512, block_size=16)
+    logits = model.forward_paged(tokens, positions, write_slots, read_slots)   # -> [B, vocab], last tokens
+
 RoPE is applied in the "rotate half" layout that Hugging Face checkpoints use: the first half of each
 head's dimensions are the real parts, the second half the imaginary parts. Checkpoints laid out with
 interleaved pairs (Meta's originals, GGUF, llama2.c) are permuted once at conversion time.
@@ -122,6 +128,26 @@ class KVCache(nn.Module):
         return k_cache, v_cache
 
 
+class PagedKVCache(nn.Module):
+    """K/V of many sequences in one pool of slots, num_blocks * block_size of them. A sequence's token at
+    position p lives in slot block_table[p // block_size] * block_size + p % block_size."""
+
+    def __init__(self, num_slots: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (num_slots, n_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k: Tensor, v: Tensor):
+        """Write k, v [B, H_kv, S, D] into the slots write [B, S]; return the K/V of the slots read [B, L]
+        as [B, H_kv, L, D]: row b's positions 0..L-1."""
+        write, read = slots
+        B, H, S, D = k.shape
+        self.k_cache.index_copy_(0, write.reshape(-1), k.transpose(1, 2).reshape(B * S, H, D))
+        self.v_cache.index_copy_(0, write.reshape(-1), v.transpose(1, 2).reshape(B * S, H, D))
+        return self.k_cache[read].transpose(1, 2), self.v_cache[read].transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -129,9 +155,11 @@ class Attention(nn.Module):
         # One matrix for q, k and v: the input is read once instead of three times.
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.attention_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache = None  # a KVCache or a PagedKVCache
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index) -> Tensor:
+        """cache_index says where the new K/V go and what to attend to: input_pos [S] for a KVCache,
+        (write slots [B, S], read slots [B, L]) for a PagedKVCache."""
         B, S, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -139,7 +167,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = self.kv_cache.update(cache_index, k, v)
         # Attend to the slots the mask covers: the filled part of the cache (rounded up), not all of it.
         k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         # Grouped-query attention without copying K/V: the n_rep query heads that share a key/value
@@ -173,8 +201,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, cache_index):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_index)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -201,7 +229,23 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length + 1, self.args.n_kv_heads,
                                                self.args.head_dim, dtype, device)
-        angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), rope_frequencies(self.args))
+        self.setup_rope(max_seq_length)
+
+    def setup_paged_cache(self, num_blocks: int, block_size: int):
+        """Allocate a paged KV cache of num_blocks blocks of block_size slots per layer (replacing any
+        cache), and RoPE tables for the model's whole context."""
+        weight = self.output.weight
+        dtype = weight.dtype if weight.is_floating_point() else self.norm.weight.dtype
+        device = self.norm.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = PagedKVCache(num_blocks * block_size, self.args.n_kv_heads,
+                                                    self.args.head_dim, dtype, device)
+        self.max_batch_size = self.max_seq_length = 0  # the static cache is gone
+        self.setup_rope(self.args.max_seq_len)
+
+    def setup_rope(self, length: int):
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(self.args))
+        device = self.norm.weight.device
         self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
         self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
 
@@ -228,10 +272,27 @@ class Transformer(nn.Module):
             own = slots[None, None, :] == input_pos[None, :, None]
             mask = mask & ((slots[None, None, :] >= left_pad[:, None, None]) | own)
             positions = (positions - left_pad[:, None]).clamp(min=0)
-        mask = mask.unsqueeze(1)  # [B or 1, 1, S, L]
+        return self.output(self.norm(self.layers_forward(tokens, positions, mask.unsqueeze(1), input_pos)))
+
+    def forward_paged(self, tokens: Tensor, positions: Tensor, write_slots: Tensor, read_slots: Tensor) -> Tensor:
+        """tokens [B, S] at their own positions [B, S] -> logits [B, vocab] of each row's last token, over
+        the paged cache (setup_paged_cache).
+
+        write_slots [B, S]: where each token's K/V go. read_slots [B, L]: row b's slots for positions
+        0..L-1 (from its block table); a query at position p attends to positions 0..p. L may run past a
+        row's text (any slot will do there: the mask hides it). Padding rows of a batch can write to and
+        read from a scratch slot at position 0.
+        """
+        L = read_slots.shape[1]
+        mask = torch.arange(L, device=tokens.device)[None, None, :] <= positions[:, :, None]  # [B, S, L]
+        x = self.layers_forward(tokens, positions, mask.unsqueeze(1), (write_slots, read_slots))
+        return self.output(self.norm(x[:, -1]))
+
+    def layers_forward(self, tokens, positions, mask, cache_index) -> Tensor:
+        """Embedding and every block: tokens [B, S] at positions [B, S], mask [B or 1, 1, S, L] -> [B, S, dim]."""
         cos = self.rope_cos[positions].unsqueeze(2)
         sin = self.rope_sin[positions].unsqueeze(2)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
-        return self.output(self.norm(x))
+            x = layer(x, cos, sin, mask, cache_index)
+        return x

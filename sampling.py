@@ -86,3 +86,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
     if temperature <= 0:
         return logits.argmax(dim=-1)
     return sample_from(probabilities(logits, temperature, top_k, top_p))
+
+
+def sample_rows(logits: torch.Tensor, params: list, generators: list) -> list:
+    """logits [B, vocab] -> one token per row, row i sampled with params[i]; a row with a generator draws
+    its randomness from it alone, so its tokens do not depend on the other rows."""
+    tokens = logits.argmax(dim=-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature > 0:
+            probs = probabilities(logits[i:i + 1], p.temperature, p.top_k, p.top_p)
+            noise = torch.empty_like(probs).exponential_(1, generator=g)
+            tokens[i] = (probs / noise).argmax(dim=-1)[0]
+    return tokens.tolist()

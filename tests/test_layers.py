@@ -13,7 +13,8 @@ from sampling import SamplingParams
 
 # The reading order: each file may import only files before it (which also rules out cycles).
 LAYERS = ["model", "tokenizer", "errors", "qlinear", "tp", "convert_checkpoint", "checkpoint",
-          "sampling", "decode", "speculative", "quantize", "eval", "bench", "generate"]
+          "sampling", "decode", "speculative", "sequence", "block_manager", "scheduler", "engine",
+          "quantize", "eval", "bench", "generate"]
 COMMAND_LINE = "generate"
 
 

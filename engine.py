@@ -1,0 +1,303 @@
+"""Serving many requests on one model: continuous batching (Orca) over a paged KV cache (PagedAttention),
+with prefix caching. A Python API shaped like vLLM's:
+
+    engine = Engine.from_checkpoint(DIR, device="cpu", dtype=torch.bfloat16, max_num_seqs=32,
+                                    kv_cache_tokens=16384, block_size=16, compile=True)
+    rid = engine.add_request(prompt_token_ids, SamplingParams(max_tokens=128))
+    for out in engine.step():              # one scheduler iteration: every running request advances
+        out.request_id, out.new_token_ids, out.text, out.finished, out.finish_reason
+    engine.abort(rid)
+    engine.stats()                         # running, waiting, KV blocks, preemptions, prefix-cache hits
+    engine.generate(prompts, params)       # offline: all at once, results in order
+
+Each step runs the scheduler's plan (scheduler.py, block_manager.py): the decoding requests as one batch,
+each row at its own position, padded to a few batch sizes so that the compiled step keeps a small fixed
+set of graphs; prompt chunks one forward each. Each request samples with its own options (and its own
+generator when it has a seed) and stops at its own end tokens and stop strings.
+"""
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from block_manager import BlockManager
+from checkpoint import load_model, load_tokenizer
+from decode import KV_BLOCK, Steps, TextStream
+from errors import UsageError
+from model import Transformer
+from sampling import SamplingParams, sample_rows
+from scheduler import Scheduler
+from sequence import Sequence, Status
+
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "Completion"]
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request."""
+    request_id: str
+    new_token_ids: list
+    text: str                        # the new printable text (empty without a tokenizer)
+    finished: bool
+    finish_reason: Optional[str]     # "stop" (end token or stop string), "length", "abort"; None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int           # prompt tokens taken from the prefix cache rather than computed
+
+
+@dataclass
+class Completion:
+    """A whole request, as Engine.generate returns it."""
+    request_id: str
+    token_ids: list
+    text: str
+    finish_reason: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+def paged_logits(model, tokens, positions, write_slots, read_slots):
+    return model.forward_paged(tokens, positions, write_slots, read_slots).float()
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, *, max_num_seqs: int = 32,
+                 kv_cache_tokens: Optional[int] = 16384, kv_cache_gb: Optional[float] = None,
+                 block_size: int = 16, max_num_batched_tokens: int = 256, compile: bool = False):
+        """model: loaded (checkpoint.load_model); its cache is replaced by a paged one. tokenizer: for
+        end tokens, stop strings and text (optional: without it, requests stop at max_tokens only).
+        kv_cache_gb, when given, sizes the pool by memory instead of kv_cache_tokens.
+        max_num_batched_tokens: the per-step token budget (decodes take one each, prompts the rest)."""
+        args = model.args
+        if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
+            raise UsageError("max_num_seqs must be >= 1 and max_num_batched_tokens >= max_num_seqs")
+        if block_size not in (8, 16, 32, 64, 128):
+            raise UsageError(f"block_size must be 8, 16, 32, 64 or 128, not {block_size}")
+        dtype = model.norm.weight.dtype
+        if kv_cache_gb is not None:
+            per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
+            kv_cache_tokens = int(kv_cache_gb * 1e9 / per_token)
+        num_blocks = (kv_cache_tokens or 0) // block_size
+        if num_blocks < 1:
+            raise UsageError(f"a KV cache of {kv_cache_tokens} tokens holds no block of {block_size}")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.norm.weight.device
+        self.block_size, self.num_blocks = block_size, num_blocks
+        model.setup_paged_cache(num_blocks + 1, block_size)  # the extra block: scratch for padding rows
+        self.scratch_block = num_blocks
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        # Decode batches are padded to these sizes: one compiled graph each.
+        self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
+        self.decode_fn = Steps(model).compiled(paged_logits) if compile else paged_logits
+        self.compiled = compile
+        self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
+        self.seqs, self.streams, self.pending = {}, {}, []
+        self.ids = itertools.count()
+        self.tokens_generated = self.tokens_prompt = 0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str, device="cpu", dtype=torch.float32, **kwargs) -> "Engine":
+        model = load_model(checkpoint_dir, device=device, dtype=dtype)
+        return cls(model, load_tokenizer(checkpoint_dir), **kwargs)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Requests
+
+    def add_request(self, prompt_token_ids: list, params: SamplingParams = SamplingParams(),
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; it joins the running batch as soon as there is room. Returns its id. Refuses,
+        with a UsageError, a request that could never run: too long for the context or the whole cache."""
+        if not isinstance(params, SamplingParams):
+            raise UsageError("params must be a SamplingParams")
+        prompt = list(prompt_token_ids)
+        vocab = self.model.args.vocab_size
+        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise UsageError(f"a prompt is a non-empty list of token ids in [0, {vocab})", "prompt")
+        need = len(prompt) + params.max_tokens
+        if need > self.model.args.max_seq_len:
+            raise UsageError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                             f"the model's context of {self.model.args.max_seq_len} tokens", "max_tokens")
+        if need > self.num_blocks * self.block_size:
+            raise UsageError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                             f"the KV cache of {self.num_blocks * self.block_size} tokens", "max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise UsageError("stop strings need the engine to have a tokenizer", "stop")
+        request_id = str(next(self.ids)) if request_id is None else str(request_id)
+        if request_id in self.seqs:
+            raise UsageError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt, params, self.device)
+        self.tokens_prompt += len(prompt)
+        if params.max_tokens == 0:
+            self.pending.append(self._output(seq, [], "", "length"))
+            return request_id
+        self.seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self.streams[request_id] = TextStream(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str):
+        """End a request now; the next step reports it finished with reason "abort". Unknown or finished
+        requests are ignored."""
+        seq = self.seqs.pop(str(request_id), None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+            self.streams.pop(seq.request_id, None)
+            self.pending.append(self._output(seq, [], "", "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs or self.pending)
+
+    # -----------------------------------------------------------------------------------------------------
+    # One step
+
+    def step(self) -> list:
+        """Run one scheduler iteration; one RequestOutput per request that produced a token or ended."""
+        outputs, self.pending = self.pending, []
+        plan = self.scheduler.schedule()
+        if not plan.work:
+            return outputs
+        self._copy_blocks(plan.copies)
+        sampled, rows = [], []  # sequences whose next token is due, and their logits
+        with torch.inference_mode():
+            decodes = [seq for seq, n in plan.work if n == 1 and seq.num_uncomputed == 1]
+            for seq, n in plan.work:
+                if not (n == 1 and seq.num_uncomputed == 1):
+                    logits = self._prefill(seq, n)
+                    self.scheduler.computed(seq, n)
+                    if seq.num_uncomputed == 0:
+                        sampled.append(seq)
+                        rows.append(logits)
+            if decodes:
+                rows.append(self._decode(decodes))
+                for seq in decodes:
+                    self.scheduler.computed(seq, 1)
+                sampled += decodes
+            if not sampled:
+                return outputs
+            tokens = sample_rows(torch.cat(rows), [s.params for s in sampled], [s.generator for s in sampled])
+        for seq, token in zip(sampled, tokens):
+            outputs.append(self._append(seq, token))
+        return outputs
+
+    def _copy_blocks(self, copies):
+        if not copies:
+            return
+        bs = self.block_size
+        src = torch.tensor([s * bs + i for s, _ in copies for i in range(bs)], device=self.device)
+        dst = torch.tensor([d * bs + i for _, d in copies for i in range(bs)], device=self.device)
+        for layer in self.model.layers:
+            cache = layer.attention.kv_cache
+            cache.k_cache[dst] = cache.k_cache[src]
+            cache.v_cache[dst] = cache.v_cache[src]
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _prefill(self, seq: Sequence, n: int) -> torch.Tensor:
+        """Feed tokens num_computed .. num_computed + n - 1 of seq; the logits after the last [1, vocab]."""
+        c, dev = seq.num_computed, self.device
+        tokens = torch.tensor([seq.tokens[c:c + n]], device=dev)
+        positions = torch.arange(c, c + n, device=dev)[None]
+        write = torch.tensor([self._slots(seq, c, c + n)], device=dev)
+        read = torch.tensor([self._slots(seq, 0, c + n)], device=dev)
+        return paged_logits(self.model, tokens, positions, write, read)
+
+    def _decode(self, seqs: list) -> torch.Tensor:
+        """One token for each sequence, as one batch padded to a bucket size -> logits [len(seqs), vocab]."""
+        B = next(b for b in self.buckets if b >= len(seqs))
+        bs, pad = self.block_size, B - len(seqs)
+        # Rows read the slots of positions 0..L-1, L rounded up so that its changes are few; the mask
+        # hides what lies past each row's text, and the scratch block stands in for missing blocks.
+        L = -(-max(len(s.tokens) for s in seqs) // KV_BLOCK) * KV_BLOCK
+        tables = [s.block_table + [self.scratch_block] * (L // bs - len(s.block_table)) for s in seqs]
+        tables += [[self.scratch_block] * (L // bs)] * pad
+        dev = self.device
+        tables = torch.tensor(tables, device=dev)
+        read = (tables[:, :, None] * bs + torch.arange(bs, device=dev)).view(B, L)
+        last = [len(s.tokens) - 1 for s in seqs]
+        tokens = torch.tensor([[s.tokens[-1]] for s in seqs] + [[0]] * pad, device=dev)
+        positions = torch.tensor([[p] for p in last] + [[0]] * pad, device=dev)
+        write = torch.tensor([self._slots(s, p, p + 1) for s, p in zip(seqs, last)]
+                             + [[self.scratch_block * bs]] * pad, device=dev)
+        if self.compiled:
+            torch._dynamo.mark_dynamic(read, 1)  # one graph per batch size, whatever the length
+        return self.decode_fn(self.model, tokens, positions, write, read)[:len(seqs)]
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.tokens.append(token)
+        self.tokens_generated += 1
+        stream = self.streams.get(seq.request_id)
+        reason, text = None, ""
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        elif stream is not None:
+            text = stream.add(token)
+            if stream.stopped:
+                reason = "stop"
+        if reason is None and (seq.num_generated >= seq.params.max_tokens
+                               or len(seq.tokens) >= self.model.args.max_seq_len):
+            reason = "length"
+        if reason is not None:
+            if stream is not None:
+                text += stream.flush()
+            self.scheduler.remove(seq)
+            del self.seqs[seq.request_id]
+            self.streams.pop(seq.request_id, None)
+        return self._output(seq, [token], text, reason)
+
+    @staticmethod
+    def _output(seq: Sequence, new_tokens: list, text: str, reason: Optional[str]) -> RequestOutput:
+        if reason is not None:
+            seq.status, seq.finish_reason = Status.FINISHED, reason
+        return RequestOutput(seq.request_id, new_tokens, text, reason is not None, reason,
+                             seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Offline use and figures
+
+    def generate(self, prompts: list, params=SamplingParams()) -> list:
+        """Run every prompt (a list of token-id lists) to the end; one Completion per prompt, in order.
+        params: one SamplingParams for all, or a list with one per prompt."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        tokens, texts, done = {i: [] for i in ids}, {i: "" for i in ids}, {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id] += out.new_token_ids
+                    texts[out.request_id] += out.text
+                    if out.finished:
+                        done[out.request_id] = out
+        return [Completion(i, tokens[i], texts[i], done[i].finish_reason, done[i].num_prompt_tokens,
+                           done[i].num_cached_tokens) for i in ids]
+
+    def warm_up(self):
+        """Compile the decode step for every batch size now, with padding rows only, rather than when
+        each size first occurs."""
+        bs, dev = self.block_size, self.device
+        with torch.inference_mode():
+            for B in self.buckets:
+                scratch = torch.full((B, 1), self.scratch_block * bs, device=dev)
+                read = scratch.expand(B, KV_BLOCK).contiguous()
+                if self.compiled:
+                    torch._dynamo.mark_dynamic(read, 1)
+                self.decode_fn(self.model, torch.zeros(B, 1, dtype=torch.long, device=dev),
+                               torch.zeros(B, 1, dtype=torch.long, device=dev), scratch, read)
+
+    def stats(self) -> dict:
+        """Counts now, and since the engine started. kv_slot_utilization: the share of the slots of the
+        blocks in use that hold a token (a block shared by several requests counts once)."""
+        bs, filled = self.block_size, {}
+        for seq in self.scheduler.running:
+            for i, block in enumerate(seq.block_table):
+                filled[block] = max(filled.get(block, 0), min(bs, max(0, seq.num_computed - i * bs)))
+        used = self.num_blocks - self.blocks.num_free
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": used, "kv_blocks_total": self.num_blocks, "block_size": bs,
+                "kv_slot_utilization": sum(filled.values()) / (used * bs) if used else 1.0,
+                "preemptions": self.scheduler.preemptions,
+                "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
+                "prompt_tokens": self.tokens_prompt, "generation_tokens": self.tokens_generated}
