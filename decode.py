@@ -39,7 +39,7 @@ def attended_length(model: Transformer, n_filled: int) -> int:
 
 def prefill(model, tokens, input_pos, left_pad, kv_len, temperature, top_k, top_p):
     """tokens [B, S] at cache positions input_pos [S] -> the next token per row [B]."""
-    logits = model(tokens, input_pos, left_pad, kv_len)
+    logits = model(tokens, input_pos, left_pad, kv_len, last_only=True)
     return sample(logits[:, -1], temperature, top_k, top_p)
 
 

@@ -250,8 +250,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
-                kv_len: Optional[int] = None) -> Tensor:
-        """tokens [B, S] at cache positions input_pos [S] -> logits [B, S, vocab].
+                kv_len: Optional[int] = None, last_only: bool = False) -> Tensor:
+        """tokens [B, S] at cache positions input_pos [S] -> logits [B, S, vocab] ([B, 1, vocab] of the last
+        position with last_only, all that sampling needs: the output head is the largest product).
 
         left_pad [B] (optional) is the number of padding tokens at the start of each row: those cache
         slots are never attended to, and each row's RoPE positions start at 0 after its padding, so a
@@ -272,7 +273,8 @@ class Transformer(nn.Module):
             own = slots[None, None, :] == input_pos[None, :, None]
             mask = mask & ((slots[None, None, :] >= left_pad[:, None, None]) | own)
             positions = (positions - left_pad[:, None]).clamp(min=0)
-        return self.output(self.norm(self.layers_forward(tokens, positions, mask.unsqueeze(1), input_pos)))
+        x = self.layers_forward(tokens, positions, mask.unsqueeze(1), input_pos)
+        return self.output(self.norm(x[:, -1:] if last_only else x))
 
     def forward_paged(self, tokens: Tensor, positions: Tensor, write_slots: Tensor, read_slots: Tensor) -> Tensor:
         """tokens [B, S] at their own positions [B, S] -> logits [B, vocab] of each row's last token, over

@@ -30,3 +30,18 @@ def test_bench_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(tmp_path), "--no-hf"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "not a converted checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serving_benchmark_runs_every_mode(tmp_path_factory, tmp_path):
+    _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=6, max_position_embeddings=1024, vocab_size=257)
+    out = tmp_path / "serving.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_serving.py"), "--checkpoint", str(ckpt),
+                        "--dtype", "float32", "--no-compile", "--requests", "6", "--max-num-seqs", "3",
+                        "--concurrency", "2", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"one-at-a-time", "static", "engine", "engine-c2"}
+    for row in rows.values():
+        assert row["output_tokens"] > 6 * 16 and row["output_tok_s"] > 0 and 0 <= row["ttft_p50_s"] <= row["ttft_p99_s"]
+    assert len({row["output_tokens"] for row in rows.values()}) == 1  # the same requests in every mode
+    assert 0.5 < rows["engine"]["kv_slot_share"] <= 1

@@ -76,6 +76,18 @@ def test_default_model_requests_equal_generate_alone(default_checkpoint):
     assert "Paris" in got[0].text
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_checkpoints_run_unchanged(tiny, tmp_path, mode):
+    from quantize import quantize_checkpoint
+    out = str(tmp_path / mode)
+    quantize_checkpoint(tiny, out, mode, groupsize=32)
+    prompts = random_prompts([9, 70, 33], seed=5)
+    ref = load_model(out)
+    engine = Engine(load_model(out), max_num_seqs=2, kv_cache_tokens=1024, block_size=16, max_num_batched_tokens=32)
+    got = engine.generate(prompts, SamplingParams(max_tokens=20))
+    assert [c.token_ids for c in got] == [alone(ref, p, 20) for p in prompts]
+
+
 def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny):
     engine = Engine(load_model(tiny), max_num_seqs=4, kv_cache_tokens=2048, block_size=16,
                     max_num_batched_tokens=32, compile=True)

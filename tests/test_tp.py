@@ -56,7 +56,7 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process(tmp_path_factory, t
     single = load_model(str(ckpt))
     single.setup_caches(1, 32)
     tokens = torch.arange(3, 19)[None] % single.args.vocab_size
-    # quantized layers round their outputs to bfloat16 (quantize.KERNEL_DTYPE), each rank its partial sum
+    # quantized layers round their outputs to bfloat16 (qlinear.KERNEL_DTYPE), each rank its partial sum
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), single(tokens, torch.arange(16)),
                                atol=1e-4 if mode is None else 5e-3, rtol=0)
     cli = ["generate.py", "--checkpoint", ckpt, "--prompt", "abcab", "--max-new-tokens", "16", "--json"]
@@ -96,3 +96,32 @@ def test_default_model_on_three_ranks(default_checkpoint, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
         assert text == json.loads(alone.stdout)["text"] and "Paris" in text
+
+
+ENGINE_WORKER = '''
+import json, sys, torch
+sys.path.insert(0, {root!r})
+import tp
+from checkpoint import load_model
+from engine import Engine
+from sampling import SamplingParams
+engine = Engine(load_model({ckpt!r}), max_num_seqs=2, kv_cache_tokens=80, block_size=16, max_num_batched_tokens=16)
+prompts = [[(7 * i + j) % 128 for j in range(n)] for i, n in enumerate((5, 40, 23))]
+done = engine.generate(prompts, [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=1.0, seed=3),
+                                 SamplingParams(max_tokens=12)])
+if tp.rank() == 0:
+    print(json.dumps({{"tokens": [c.token_ids for c in done], "stats": engine.stats()}}))
+tp.exit_process(0)
+'''
+
+
+def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path):
+    """Every rank runs the same schedule (same requests, seeds and pool) over its shard of the model."""
+    ckpt = checkpoint(tmp_path_factory, "gqa")
+    script = tmp_path / "engine_worker.py"
+    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt)))
+    single = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = torchrun(2, script)
+    assert single.returncode == 0 and r.returncode == 0, (single.stderr[-2000:], r.stderr[-2000:])
+    one, two = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (single, r))
+    assert two["tokens"] == one["tokens"] and one["stats"]["preemptions"] > 0
