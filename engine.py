@@ -14,13 +14,20 @@ Each step runs the scheduler's plan (scheduler.py, block_manager.py): the decodi
 each row at its own position, padded to a few batch sizes so that the compiled step keeps a small fixed
 set of graphs; prompt chunks one forward each. Each request samples with its own options (and its own
 generator when it has a seed) and stops at its own end tokens and stop strings.
+
+Under torchrun the model is tensor-parallel (checkpoint.load_model) and every rank must step the same
+batch. Rank 0 is the engine's front: its add_request and abort calls are broadcast at the start of the
+next step, and every rank carries them out there, so all schedulers make the same plans. On the other
+ranks add_request and abort only check their arguments and hand out the same ids.
 """
 import itertools
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
+import tp
 from block_manager import BlockManager
 from checkpoint import load_model, load_tokenizer
 from decode import KV_BLOCK, Steps, TextStream
@@ -95,6 +102,8 @@ class Engine:
         self.seqs, self.streams, self.pending = {}, {}, []
         self.ids = itertools.count()
         self.tokens_generated = self.tokens_prompt = 0
+        self.world, self.rank = tp.world_size(), tp.rank()
+        self.calls = []  # rank 0's add_request / abort calls, to broadcast at the next step (torchrun)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, device="cpu", dtype=torch.float32, **kwargs) -> "Engine":
@@ -124,36 +133,70 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise UsageError("stop strings need the engine to have a tokenizer", "stop")
         request_id = str(next(self.ids)) if request_id is None else str(request_id)
-        if request_id in self.seqs:
+        if request_id in self.seqs or any(c[1] == request_id for c in self.calls if c[0] == "add"):
             raise UsageError(f"request id {request_id!r} is already in use")
+        if self.world > 1:
+            if self.rank == 0:
+                self.calls.append(["add", request_id, prompt, asdict(params)])
+            return request_id
+        self._add(request_id, prompt, params)
+        return request_id
+
+    def _add(self, request_id: str, prompt: list, params: SamplingParams):
         seq = Sequence(request_id, prompt, params, self.device)
         self.tokens_prompt += len(prompt)
         if params.max_tokens == 0:
             self.pending.append(self._output(seq, [], "", "length"))
-            return request_id
+            return
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
             self.streams[request_id] = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(seq)
-        return request_id
 
     def abort(self, request_id: str):
         """End a request now; the next step reports it finished with reason "abort". Unknown or finished
         requests are ignored."""
-        seq = self.seqs.pop(str(request_id), None)
+        if self.world > 1:
+            if self.rank == 0:
+                self.calls.append(["abort", str(request_id)])
+            return
+        self._abort(str(request_id))
+
+    def _abort(self, request_id: str):
+        seq = self.seqs.pop(request_id, None)
         if seq is not None:
             self.scheduler.remove(seq)
             self.streams.pop(seq.request_id, None)
             self.pending.append(self._output(seq, [], "", "abort"))
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs or self.pending)
+        return bool(self.seqs or self.pending or self.calls)
+
+    def _sync_calls(self):
+        """Under torchrun: carry out rank 0's calls since the last step, on every rank, in order."""
+        import torch.distributed as dist
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        payload = json.dumps(self.calls).encode() if self.rank == 0 else b""
+        size = torch.tensor([len(payload)], device=dev)
+        dist.broadcast(size, src=0)
+        data = (torch.tensor(list(payload), dtype=torch.uint8, device=dev) if self.rank == 0
+                else torch.empty(int(size), dtype=torch.uint8, device=dev))
+        if int(size):
+            dist.broadcast(data, src=0)
+        self.calls = []
+        for call in json.loads(bytes(data.tolist()) or b"[]"):
+            if call[0] == "add":
+                self._add(call[1], call[2], SamplingParams(**call[3]))
+            else:
+                self._abort(call[1])
 
     # -----------------------------------------------------------------------------------------------------
     # One step
 
     def step(self) -> list:
         """Run one scheduler iteration; one RequestOutput per request that produced a token or ended."""
+        if self.world > 1:
+            self._sync_calls()
         outputs, self.pending = self.pending, []
         plan = self.scheduler.schedule()
         if not plan.work:

@@ -107,16 +107,32 @@ from engine import Engine
 from sampling import SamplingParams
 engine = Engine(load_model({ckpt!r}), max_num_seqs=2, kv_cache_tokens=80, block_size=16, max_num_batched_tokens=16)
 prompts = [[(7 * i + j) % 128 for j in range(n)] for i, n in enumerate((5, 40, 23))]
-done = engine.generate(prompts, [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=1.0, seed=3),
-                                 SamplingParams(max_tokens=12)])
+params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=1.0, seed=3),
+          SamplingParams(max_tokens=12)]
+tokens, reasons = {{}}, {{}}
+def step():
+    for out in engine.step():
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if out.finished:
+            reasons[out.request_id] = out.finish_reason
+ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:2], params[:2])]  # rank 0's calls count
+step()
+ids.append(engine.add_request(prompts[2], params[2]))
+ids.append(engine.add_request([1, 2, 3], SamplingParams(max_tokens=50)))
+step()
+engine.abort(ids[-1])
+while len(reasons) < len(ids):
+    step()
 if tp.rank() == 0:
-    print(json.dumps({{"tokens": [c.token_ids for c in done], "stats": engine.stats()}}))
+    print(json.dumps({{"tokens": [tokens.get(i, []) for i in ids], "reasons": [reasons[i] for i in ids],
+                      "stats": engine.stats()}}))
 tp.exit_process(0)
 '''
 
 
 def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path):
-    """Every rank runs the same schedule (same requests, seeds and pool) over its shard of the model."""
+    """Rank 0's requests and aborts reach every rank at the next step: all ranks step the same batches,
+    each over its shard of the model, and give one process's tokens (preemption included)."""
     ckpt = checkpoint(tmp_path_factory, "gqa")
     script = tmp_path / "engine_worker.py"
     script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt)))
@@ -124,4 +140,5 @@ def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path
     r = torchrun(2, script)
     assert single.returncode == 0 and r.returncode == 0, (single.stderr[-2000:], r.stderr[-2000:])
     one, two = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (single, r))
-    assert two["tokens"] == one["tokens"] and one["stats"]["preemptions"] > 0
+    assert two["tokens"] == one["tokens"] and two["reasons"] == one["reasons"] == ["length"] * 3 + ["abort"]
+    assert one["stats"]["preemptions"] > 0
