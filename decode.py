@@ -171,9 +171,10 @@ class TextStream:
     """Turns a row's growing list of token ids into text deltas that are safe to print: no half of a
     multi-byte character, no start of a stop string that may yet complete, nothing past a stop string."""
 
-    def __init__(self, tokenizer, stop_strings=()):
+    def __init__(self, tokenizer, stop_strings=(), min_tokens: int = 0):
         self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
         self.ids, self.text, self.printed, self.stopped = [], "", 0, False
+        self.min_tokens, self.search_from = min_tokens, 0  # no stop string within the first min_tokens
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -181,9 +182,13 @@ class TextStream:
         if text.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence; wait for its remaining bytes
         self.text = text
+        if len(self.ids) <= self.min_tokens:  # too early for a stop string: all of it is printable
+            delta, self.printed = text[self.printed:], len(text)
+            self.search_from = len(text)
+            return delta
         safe = len(text)
         for stop in self.stop_strings:
-            at = text.find(stop)
+            at = text.find(stop, self.search_from)
             if at >= 0:
                 self.stopped, self.text, safe = True, text[:at], min(safe, at)
         if not self.stopped:

@@ -150,7 +150,7 @@ class Engine:
             return
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
-            self.streams[request_id] = TextStream(self.tokenizer, params.stop)
+            self.streams[request_id] = TextStream(self.tokenizer, params.stop, params.min_tokens)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str):
@@ -219,7 +219,12 @@ class Engine:
                 sampled += decodes
             if not sampled:
                 return outputs
-            tokens = sample_rows(torch.cat(rows), [s.params for s in sampled], [s.generator for s in sampled])
+            logits = torch.cat(rows)
+            eos = list(self.eos_ids)
+            for i, seq in enumerate(sampled):  # min_tokens: no end token yet
+                if eos and seq.num_generated < seq.params.min_tokens and not seq.params.ignore_eos:
+                    logits[i, eos] = float("-inf")
+            tokens = sample_rows(logits, [s.params for s in sampled], [s.generator for s in sampled])
         for seq, token in zip(sampled, tokens):
             outputs.append(self._append(seq, token))
         return outputs

@@ -24,6 +24,7 @@ class SamplingParams:
     seed: Optional[int] = None          # seeds torch's generator when decoding starts: same seed, same tokens
     stop: tuple = ()                    # the text ends where one of these strings appears (not included)
     ignore_eos: bool = False            # go on past end-of-text tokens (for benchmarks)
+    min_tokens: int = 0                 # no end token, no stop string before this many new tokens (engine)
 
     def __post_init__(self):
         def number(name, integer, low, low_ok=True, high=None, optional=False):
@@ -41,6 +42,7 @@ class SamplingParams:
                 raise UsageError(f"{name} must be {bound}, not {value}", name)
 
         number("max_tokens", True, 0)
+        number("min_tokens", True, 0)
         number("temperature", False, 0)
         number("top_k", True, 1, optional=True)
         number("top_p", False, 0, low_ok=False, high=1, optional=True)

@@ -1,0 +1,489 @@
+"""An OpenAI-compatible HTTP server on the engine, with a chat page.
+
+    python serve.py                                   # the default model on http://127.0.0.1:8000
+    python serve.py --checkpoint DIR --dtype bfloat16 --compile --max-num-seqs 32 --api-key KEY
+    torchrun --nproc_per_node=2 serve.py --checkpoint DIR   # tensor-parallel: rank 0 serves HTTP
+
+Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with
+"stream": true), GET /v1/models, /health, /metrics (Prometheus text) and / (the chat page, chat.html).
+Errors come in OpenAI's envelope {"error": {"message", "type", "param", "code"}} with a 4xx status, and
+the server goes on serving. One thread runs the engine, a step at a time; each HTTP request has a thread
+of its own that hands its request to the engine and waits for its outputs. A streamed request whose
+client goes away is aborted in the engine at once.
+"""
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+import tp
+from checkpoint import DTYPES, default_checkpoint, load_model, load_tokenizer, pick_device, pick_dtype
+from engine import Engine
+from errors import ArgumentParser, UsageError, run_command
+from sampling import SamplingParams
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAX_BODY_BYTES = 1 << 20
+# Fields a request may carry; those of the second set change nothing at their neutral values and are
+# refused otherwise, so that a client never gets silently less than it asked for.
+ACCEPTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+            "seed", "stop", "stream", "stream_options", "min_tokens", "ignore_eos", "user", "metadata", "store"}
+NEUTRAL = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "presence_penalty": 0,
+           "frequency_penalty": 0, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+           "response_format": None, "logit_bias": None, "suffix": None, "parallel_tool_calls": None}
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 8000                         # 0: any free port (printed at start)
+    device: str = "auto"
+    dtype: Optional[str] = None              # None: the device's default (checkpoint.pick_dtype)
+    compile: bool = False
+    max_num_seqs: int = 32
+    kv_cache_tokens: int = 16384
+    kv_cache_gb: Optional[float] = None      # size the KV cache by memory instead
+    max_waiting: int = 256                   # requests queued beyond this are refused (429)
+    api_key: Optional[str] = None            # every /v1 request must then carry it as a bearer token
+    model_name: Optional[str] = None         # the name clients use; default: the checkpoint's folder name
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise UsageError(f"--port must be in [0, 65535], not {self.port}")
+        if self.max_waiting < 1 or self.max_num_seqs < 1:
+            raise UsageError("--max-waiting and --max-num-seqs must be >= 1")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str = None, code: str = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float):
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+        self.sum, self.count = self.sum + value, self.count + 1
+
+    def render(self, name: str) -> list:
+        lines = [f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.finished = {}  # finish reason -> requests
+        self.ttft = Histogram([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.tpot = Histogram([0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28])
+        self.latency = Histogram([0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300])
+
+    def request_done(self, reason: str, start: float, first: Optional[float], end: float, n: int):
+        with self.lock:
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+            self.latency.observe(end - start)
+            if first is not None:
+                self.ttft.observe(first - start)
+                if n > 1:
+                    self.tpot.observe((end - first) / (n - 1))
+
+    def render(self, stats: dict) -> str:
+        gauges = {"num_requests_running": stats["running"], "num_requests_waiting": stats["waiting"],
+                  "kv_blocks_used": stats["kv_blocks_used"], "kv_blocks_total": stats["kv_blocks_total"]}
+        counters = {"preemptions_total": stats["preemptions"], "prompt_tokens_total": stats["prompt_tokens"],
+                    "generation_tokens_total": stats["generation_tokens"],
+                    "prefix_cache_hit_tokens_total": stats["prefix_cache_hit_tokens"]}
+        lines = []
+        for name, value in gauges.items():
+            lines += [f"# TYPE nimblelm_{name} gauge", f"nimblelm_{name} {value}"]
+        for name, value in counters.items():
+            lines += [f"# TYPE nimblelm_{name} counter", f"nimblelm_{name} {value}"]
+        with self.lock:
+            lines.append("# TYPE nimblelm_requests_finished_total counter")
+            lines += [f'nimblelm_requests_finished_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
+            lines += self.ttft.render("nimblelm_time_to_first_token_seconds")
+            lines += self.tpot.render("nimblelm_time_per_output_token_seconds")
+            lines += self.latency.render("nimblelm_request_latency_seconds")
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine's thread and the requests' hand-over
+
+
+class Service:
+    """The engine behind a lock, stepped by one thread; each request's outputs go to its own queue."""
+
+    def __init__(self, engine: Engine, tokenizer, name: str, options: ServerOptions):
+        self.engine, self.tokenizer, self.name, self.options = engine, tokenizer, name, options
+        self.cond = threading.Condition()
+        self.queues = {}
+        self.metrics = Metrics()
+        self.context = engine.model.args.max_seq_len
+        self.capacity = min(self.context, engine.num_blocks * engine.block_size)
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while True:
+            with self.cond:
+                while not self.engine.has_unfinished():
+                    if self.engine.world > 1:  # the other ranks wait in the step's broadcast: keep stepping
+                        break
+                    self.cond.wait()
+                outputs = self.engine.step()
+            for out in outputs:
+                q = self.queues.get(out.request_id)
+                if q is not None:
+                    q.put(out)
+            if self.engine.world > 1 and not outputs:
+                time.sleep(0.005)
+
+    def submit(self, prompt: list, params: SamplingParams):
+        if len(prompt) + params.max_tokens > self.capacity:
+            raise ApiError(400, f"This model's maximum context length is {self.capacity} tokens. However, you "
+                           f"requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
+                           f"{params.max_tokens} for the completion).", "messages", "context_length_exceeded")
+        with self.cond:
+            if self.engine.stats()["waiting"] >= self.options.max_waiting:
+                raise ApiError(429, "too many requests are waiting; retry later", code="rate_limit_exceeded",
+                               kind="rate_limit_error")
+            try:
+                rid = self.engine.add_request(prompt, params, request_id=uuid.uuid4().hex)
+            except UsageError as e:
+                raise ApiError(400, str(e), e.param, "invalid_value")
+            q = self.queues[rid] = queue.Queue()
+            self.cond.notify()
+        return rid, q
+
+    def cancel(self, rid: str):
+        with self.cond:
+            self.engine.abort(rid)
+            self.cond.notify()
+
+    def outputs(self, rid: str, q: queue.Queue):
+        """The request's outputs as they come, to the last; its metrics recorded at the end. A reader that
+        stops early must cancel the request and read on to its last output (the abort)."""
+        start, first, n = time.perf_counter(), None, 0
+        while True:
+            out = q.get()
+            if out.new_token_ids and first is None:
+                first = time.perf_counter()
+            n += len(out.new_token_ids)
+            if out.finished:
+                self.queues.pop(rid, None)
+                self.metrics.request_done(out.finish_reason, start, first, time.perf_counter(), n)
+            yield out
+            if out.finished:
+                return
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests: OpenAI's fields into a prompt and SamplingParams
+
+
+def check_fields(body: dict, service: Service):
+    for key, value in body.items():
+        if key in ACCEPTED:
+            continue
+        if key in NEUTRAL:
+            if value != NEUTRAL[key] and not (value is None or value is False or value == []):
+                raise ApiError(400, f"{key}={json.dumps(value)} is not supported by this server", key,
+                               "unsupported_parameter")
+            continue
+        raise ApiError(400, f"Unrecognized request argument supplied: {key}", key, "unrecognized_argument")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "you must provide a model parameter (a string)", "model")
+    if model != service.name:
+        raise ApiError(404, f"The model `{model}` does not exist", "model", "model_not_found")
+
+
+def sampling_params(body: dict, prompt_len: int, service: Service) -> SamplingParams:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = max(1, service.capacity - prompt_len)
+    stop = body.get("stop")
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.get("temperature", 1.0),
+                              top_p=body.get("top_p"), top_k=body.get("top_k"), seed=body.get("seed"),
+                              stop=() if stop is None else stop, ignore_eos=body.get("ignore_eos", False),
+                              min_tokens=body.get("min_tokens", 0))
+    except UsageError as e:
+        raise ApiError(400, str(e), e.param, "invalid_value")
+
+
+def chat_prompt(body: dict, tokenizer) -> list:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    flat = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise ApiError(400, f"messages[{i}] must have a role: system, user or assistant", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, "only text content parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+        flat.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return tokenizer.encode_chat(flat)
+
+
+def completion_prompt(body: dict, tokenizer) -> list:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return tokenizer.encode_prompt(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise ApiError(400, "prompt must be a non-empty string or list of token ids (one prompt per request)",
+                   "prompt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    service: Service = None  # set by serve()
+
+    def log_message(self, fmt, *args):  # quiet: one line per request would drown the figures
+        pass
+
+    def send_json(self, status: int, payload, headers=()):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, e: ApiError):
+        headers = [("Retry-After", "1")] if e.status == 429 else []
+        self.send_json(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}},
+                       headers)
+
+    def do_GET(self):
+        try:
+            path = self.path.split("?")[0]
+            s = self.service
+            if path == "/health":
+                return self.send_json(200, {"status": "ok"})
+            if path == "/metrics":
+                with s.cond:
+                    stats = s.engine.stats()
+                data = s.metrics.render(stats).encode()
+                return self.send_bytes(200, data, "text/plain; version=0.0.4")
+            if path == "/favicon.ico":
+                return self.send_bytes(204, b"", "image/x-icon")
+            if path in ("/", "/index.html"):
+                with open(os.path.join(HERE, "chat.html"), "rb") as f:
+                    return self.send_bytes(200, f.read(), "text/html; charset=utf-8")
+            if path == "/v1/models":
+                self.authorize()
+                return self.send_json(200, {"object": "list", "data": [
+                    {"id": s.name, "object": "model", "created": 0, "owned_by": "nimblelm",
+                     "max_model_len": s.capacity}]})
+            raise ApiError(404, f"no such endpoint: GET {path}", code="not_found")
+        except ApiError as e:
+            self.send_error_json(e)
+
+    def send_bytes(self, status, data, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def authorize(self):
+        key = self.service.options.api_key
+        if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def read_json(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise ApiError(400, "bad Content-Length")
+        if length > MAX_BODY_BYTES:
+            # Read what was sent (within reason) so the client sees the answer rather than a broken pipe;
+            # then close, as anything unread would be taken for the next request.
+            left = min(length, 16 * MAX_BODY_BYTES)
+            while left > 0:
+                left -= len(self.rfile.read(min(left, 1 << 16)) or b"\0" * left)
+            self.close_connection = True
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json")
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    def do_POST(self):
+        path = self.path.split("?")[0]
+        try:
+            if path not in ("/v1/chat/completions", "/v1/completions"):
+                self.read_json_quietly()
+                raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
+            self.authorize()
+            body = self.read_json()
+            self.complete(body, chat=path == "/v1/chat/completions")
+        except ApiError as e:
+            self.send_error_json(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # a bug of ours: say so in the envelope, and go on serving
+            self.send_error_json(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    def read_json_quietly(self):
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        if 0 < length <= MAX_BODY_BYTES:
+            self.rfile.read(length)
+
+    def complete(self, body: dict, chat: bool):
+        s = self.service
+        check_fields(body, s)
+        prompt = chat_prompt(body, s.tokenizer) if chat else completion_prompt(body, s.tokenizer)
+        params = sampling_params(body, len(prompt), s)
+        stream = body.get("stream", False)
+        options = body.get("stream_options") or {}
+        if not isinstance(stream, bool) or not isinstance(options, dict):
+            raise ApiError(400, "stream must be true or false, stream_options an object", "stream")
+        rid, q = s.submit(prompt, params)
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()), "model": s.name}
+        if not stream:
+            text, n, reason, cached = "", 0, None, 0
+            for out in s.outputs(rid, q):
+                text, n, reason, cached = text + out.text, n + len(out.new_token_ids), out.finish_reason, out.num_cached_tokens
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            return self.send_json(200, dict(head, object=kind, choices=[choice], usage=usage(len(prompt), n, cached)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        chunk_kind = kind + ".chunk" if chat else kind
+
+        def event(choices, **extra):
+            self.wfile.write(b"data: " + json.dumps(dict(head, object=chunk_kind, choices=choices, **extra)).encode()
+                             + b"\n\n")
+            self.wfile.flush()
+
+        def choice(text, reason=None, role=False):
+            if not chat:
+                return [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]
+            delta = ({"role": "assistant", "content": text} if role else {"content": text}) if text or role else {}
+            return [{"index": 0, "delta": delta, "finish_reason": reason}]
+
+        n = 0
+        try:
+            if chat:
+                event(choice("", role=True))
+            for out in s.outputs(rid, q):
+                n += len(out.new_token_ids)
+                if out.text:
+                    event(choice(out.text))
+                if out.finished:
+                    event(choice("", out.finish_reason))
+                    if options.get("include_usage"):
+                        event([], usage=usage(len(prompt), n, out.num_cached_tokens))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: stop generating for it
+            s.cancel(rid)
+            for _ in s.outputs(rid, q):  # to the abort's output, so that the metrics count it
+                pass
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv) -> ServerOptions:
+    p = ArgumentParser(description="An OpenAI-compatible server for a LLaMA-family checkpoint.")
+    p.add_argument("--checkpoint", help="converted checkpoint directory (default: SmolLM2-135M-Instruct, fetched once)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--compile", action="store_true", help="compile the decode step (one graph per batch size)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
+    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="size the KV cache by memory instead")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
+    p.add_argument("--api-key", default=os.environ.get("NIMBLELM_API_KEY"), help="require this bearer token")
+    p.add_argument("--served-model-name", default=None, help="the model's name for clients")
+    a = p.parse_args(argv)
+    return ServerOptions(checkpoint=a.checkpoint, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
+                         compile=a.compile, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens,
+                         kv_cache_gb=a.kv_cache_gb, max_waiting=a.max_waiting, api_key=a.api_key,
+                         model_name=a.served_model_name)
+
+
+def main(argv=None):
+    o = parse_args(argv)
+    checkpoint = o.checkpoint or default_checkpoint()
+    device = pick_device(o.device)
+    dtype = pick_dtype(o.dtype, device)
+    if tp.world_size() > 1:
+        tp.init(device)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(checkpoint)
+    engine = Engine(model, tokenizer, max_num_seqs=o.max_num_seqs, kv_cache_tokens=o.kv_cache_tokens,
+                    kv_cache_gb=o.kv_cache_gb, compile=o.compile)
+    engine.warm_up()
+    if tp.rank() > 0:  # the other ranks step with rank 0, forever
+        while True:
+            engine.step()
+    name = o.model_name or os.path.basename(os.path.normpath(checkpoint))
+    Handler.service = Service(engine, tokenizer, name, o)
+    try:
+        httpd = ThreadingHTTPServer((o.host, o.port), Handler)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {o.host}:{o.port} ({e.strerror})")
+    httpd.daemon_threads = True
+    print(f"nimblelm: serving {name} on http://{o.host}:{httpd.server_address[1]}", file=sys.stderr, flush=True)
+    httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    tp.exit_process(run_command(main))
