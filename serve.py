@@ -11,15 +11,17 @@ the server goes on serving. One thread runs the engine, a step at a time; each H
 of its own that hands its request to the engine and waits for its outputs. A streamed request whose
 client goes away is aborted in the engine at once.
 """
+import asyncio
 import json
 import os
 import queue
+import signal
+import socket
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 import tp
@@ -27,6 +29,16 @@ from checkpoint import DTYPES, default_checkpoint, load_model, load_tokenizer, p
 from engine import Engine
 from errors import ArgumentParser, UsageError, run_command
 from sampling import SamplingParams
+
+try:  # the optional [serve] extra
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+except ImportError:
+    uvicorn = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_BODY_BYTES = 1 << 20
@@ -132,69 +144,85 @@ class Metrics:
 
 
 class Service:
-    """The engine behind a lock, stepped by one thread; each request's outputs go to its own queue."""
+    """The engine, driven by one thread that alone touches it. HTTP handlers post requests and aborts to
+    its inbox; it answers each request's outputs into that request's asyncio queue."""
 
     def __init__(self, engine: Engine, tokenizer, name: str, options: ServerOptions):
         self.engine, self.tokenizer, self.name, self.options = engine, tokenizer, name, options
-        self.cond = threading.Condition()
-        self.queues = {}
+        self.inbox = queue.Queue()
+        self.requests = {}  # request id -> [asyncio queue, its loop, start, first token time, tokens]
         self.metrics = Metrics()
+        self.stats = engine.stats()  # a snapshot for /metrics, renewed by the engine's thread
         self.context = engine.model.args.max_seq_len
         self.capacity = min(self.context, engine.num_blocks * engine.block_size)
         threading.Thread(target=self.run, daemon=True).start()
 
     def run(self):
+        engine = self.engine
         while True:
-            with self.cond:
-                while not self.engine.has_unfinished():
-                    if self.engine.world > 1:  # the other ranks wait in the step's broadcast: keep stepping
-                        break
-                    self.cond.wait()
-                outputs = self.engine.step()
-            for out in outputs:
-                q = self.queues.get(out.request_id)
-                if q is not None:
-                    q.put(out)
-            if self.engine.world > 1 and not outputs:
-                time.sleep(0.005)
+            items = []
+            try:
+                if not engine.has_unfinished() and engine.world == 1:
+                    items.append(self.inbox.get())  # nothing to step: wait for a request
+                while True:
+                    items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                self.handle(item)
+            if engine.has_unfinished() or engine.world > 1:  # other ranks wait in each step's broadcast
+                outputs = engine.step()
+                for out in outputs:
+                    self.dispatch(out)
+                if not outputs and not engine.has_unfinished():
+                    time.sleep(0.005)
+            self.stats = engine.stats()
 
-    def submit(self, prompt: list, params: SamplingParams):
+    def handle(self, item):
+        if item[0] == "abort":
+            self.engine.abort(item[1])
+            return
+        _, prompt, params, future, loop = item
+        try:
+            stats = self.engine.stats()  # waiting beyond the free places in the running batch
+            if stats["waiting"] - (self.options.max_num_seqs - stats["running"]) >= self.options.max_waiting:
+                raise ApiError(429, "too many requests are waiting; retry later", code="rate_limit_exceeded",
+                               kind="rate_limit_error")
+            rid = self.engine.add_request(prompt, params, request_id=uuid.uuid4().hex)
+            q = asyncio.Queue()
+            self.requests[rid] = [q, loop, time.perf_counter(), None, 0]
+            loop.call_soon_threadsafe(future.set_result, (rid, q))
+        except UsageError as e:
+            loop.call_soon_threadsafe(future.set_exception, ApiError(400, str(e), e.param, "invalid_value"))
+        except ApiError as e:
+            loop.call_soon_threadsafe(future.set_exception, e)
+
+    def dispatch(self, out):
+        entry = self.requests.get(out.request_id)
+        if entry is None:
+            return
+        q, loop, start, first, n = entry
+        if out.new_token_ids and first is None:
+            entry[3] = first = time.perf_counter()
+        entry[4] = n = n + len(out.new_token_ids)
+        if out.finished:
+            del self.requests[out.request_id]
+            self.metrics.request_done(out.finish_reason, start, first, time.perf_counter(), n)
+        loop.call_soon_threadsafe(q.put_nowait, out)
+
+    async def submit(self, prompt: list, params: SamplingParams):
+        """Queue a request in the engine -> (its id, the asyncio queue of its outputs)."""
         if len(prompt) + params.max_tokens > self.capacity:
             raise ApiError(400, f"This model's maximum context length is {self.capacity} tokens. However, you "
                            f"requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
                            f"{params.max_tokens} for the completion).", "messages", "context_length_exceeded")
-        with self.cond:
-            if self.engine.stats()["waiting"] >= self.options.max_waiting:
-                raise ApiError(429, "too many requests are waiting; retry later", code="rate_limit_exceeded",
-                               kind="rate_limit_error")
-            try:
-                rid = self.engine.add_request(prompt, params, request_id=uuid.uuid4().hex)
-            except UsageError as e:
-                raise ApiError(400, str(e), e.param, "invalid_value")
-            q = self.queues[rid] = queue.Queue()
-            self.cond.notify()
-        return rid, q
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.inbox.put(("add", prompt, params, future, loop))
+        return await future
 
     def cancel(self, rid: str):
-        with self.cond:
-            self.engine.abort(rid)
-            self.cond.notify()
-
-    def outputs(self, rid: str, q: queue.Queue):
-        """The request's outputs as they come, to the last; its metrics recorded at the end. A reader that
-        stops early must cancel the request and read on to its last output (the abort)."""
-        start, first, n = time.perf_counter(), None, 0
-        while True:
-            out = q.get()
-            if out.new_token_ids and first is None:
-                first = time.perf_counter()
-            n += len(out.new_token_ids)
-            if out.finished:
-                self.queues.pop(rid, None)
-                self.metrics.request_done(out.finish_reason, start, first, time.perf_counter(), n)
-            yield out
-            if out.finished:
-                return
+        self.inbox.put(("abort", rid))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,83 +293,34 @@ def completion_prompt(body: dict, tokenizer) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HTTP
+# HTTP (Starlette, served by uvicorn)
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    service: Service = None  # set by serve()
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse({"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}},
+                        e.status, headers=headers)
 
-    def log_message(self, fmt, *args):  # quiet: one line per request would drown the figures
-        pass
 
-    def send_json(self, status: int, payload, headers=()):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+def make_app(service: Service) -> Starlette:
+    s = service
 
-    def send_error_json(self, e: ApiError):
-        headers = [("Retry-After", "1")] if e.status == 429 else []
-        self.send_json(e.status, {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}},
-                       headers)
-
-    def do_GET(self):
-        try:
-            path = self.path.split("?")[0]
-            s = self.service
-            if path == "/health":
-                return self.send_json(200, {"status": "ok"})
-            if path == "/metrics":
-                with s.cond:
-                    stats = s.engine.stats()
-                data = s.metrics.render(stats).encode()
-                return self.send_bytes(200, data, "text/plain; version=0.0.4")
-            if path == "/favicon.ico":
-                return self.send_bytes(204, b"", "image/x-icon")
-            if path in ("/", "/index.html"):
-                with open(os.path.join(HERE, "chat.html"), "rb") as f:
-                    return self.send_bytes(200, f.read(), "text/html; charset=utf-8")
-            if path == "/v1/models":
-                self.authorize()
-                return self.send_json(200, {"object": "list", "data": [
-                    {"id": s.name, "object": "model", "created": 0, "owned_by": "nimblelm",
-                     "max_model_len": s.capacity}]})
-            raise ApiError(404, f"no such endpoint: GET {path}", code="not_found")
-        except ApiError as e:
-            self.send_error_json(e)
-
-    def send_bytes(self, status, data, content_type):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def authorize(self):
-        key = self.service.options.api_key
-        if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+    def authorize(request: Request):
+        key = s.options.api_key
+        if key and request.headers.get("authorization", "") != f"Bearer {key}":
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
-    def read_json(self) -> dict:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise ApiError(400, "bad Content-Length")
-        if length > MAX_BODY_BYTES:
-            # Read what was sent (within reason) so the client sees the answer rather than a broken pipe;
-            # then close, as anything unread would be taken for the next request.
-            left = min(length, 16 * MAX_BODY_BYTES)
-            while left > 0:
-                left -= len(self.rfile.read(min(left, 1 << 16)) or b"\0" * left)
-            self.close_connection = True
+    async def read_json(request: Request) -> dict:
+        raw, size = b"", 0
+        async for chunk in request.stream():  # an oversized body is read to its end (within reason) so that
+            size += len(chunk)                # the client, still sending, gets the 413 and not a broken pipe
+            if size <= MAX_BODY_BYTES:
+                raw += chunk
+            elif size > 16 * MAX_BODY_BYTES:
+                break
+        if size > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
-        raw = self.rfile.read(length)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -350,58 +329,56 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
         return body
 
-    def do_POST(self):
-        path = self.path.split("?")[0]
-        try:
-            if path not in ("/v1/chat/completions", "/v1/completions"):
-                self.read_json_quietly()
-                raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
-            self.authorize()
-            body = self.read_json()
-            self.complete(body, chat=path == "/v1/chat/completions")
-        except ApiError as e:
-            self.send_error_json(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as e:  # a bug of ours: say so in the envelope, and go on serving
-            self.send_error_json(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+    async def health(request):
+        return JSONResponse({"status": "ok"})
 
-    def read_json_quietly(self):
-        length = int(self.headers.get("Content-Length", "0") or 0)
-        if 0 < length <= MAX_BODY_BYTES:
-            self.rfile.read(length)
+    async def metrics(request):
+        return PlainTextResponse(s.metrics.render(s.stats), media_type="text/plain; version=0.0.4")
 
-    def complete(self, body: dict, chat: bool):
-        s = self.service
+    async def page(request):
+        return FileResponse(os.path.join(HERE, "chat.html"), media_type="text/html")
+
+    async def models(request):
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [{"id": s.name, "object": "model", "created": 0,
+                                                         "owned_by": "nimblelm", "max_model_len": s.capacity}]})
+
+    async def chat_completions(request):
+        return await complete(request, chat=True)
+
+    async def completions(request):
+        return await complete(request, chat=False)
+
+    async def complete(request: Request, chat: bool):
+        authorize(request)
+        body = await read_json(request)
         check_fields(body, s)
         prompt = chat_prompt(body, s.tokenizer) if chat else completion_prompt(body, s.tokenizer)
         params = sampling_params(body, len(prompt), s)
-        stream = body.get("stream", False)
-        options = body.get("stream_options") or {}
+        stream, options = body.get("stream", False), body.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise ApiError(400, "stream must be true or false, stream_options an object", "stream")
-        rid, q = s.submit(prompt, params)
+        rid, q = await s.submit(prompt, params)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()), "model": s.name}
         if not stream:
             text, n, reason, cached = "", 0, None, 0
-            for out in s.outputs(rid, q):
-                text, n, reason, cached = text + out.text, n + len(out.new_token_ids), out.finish_reason, out.num_cached_tokens
+            try:
+                while reason is None:
+                    out = await q.get()
+                    text, n, reason, cached = (text + out.text, n + len(out.new_token_ids), out.finish_reason,
+                                               out.num_cached_tokens)
+            except asyncio.CancelledError:  # the client went away
+                s.cancel(rid)
+                raise
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
                       if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
-            return self.send_json(200, dict(head, object=kind, choices=[choice], usage=usage(len(prompt), n, cached)))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
+            return JSONResponse(dict(head, object=kind, choices=[choice], usage=usage(len(prompt), n, cached)))
+
         chunk_kind = kind + ".chunk" if chat else kind
 
-        def event(choices, **extra):
-            self.wfile.write(b"data: " + json.dumps(dict(head, object=chunk_kind, choices=choices, **extra)).encode()
-                             + b"\n\n")
-            self.wfile.flush()
+        def event(choices, **extra) -> str:
+            return "data: " + json.dumps(dict(head, object=chunk_kind, choices=choices, **extra)) + "\n\n"
 
         def choice(text, reason=None, role=False):
             if not chat:
@@ -409,24 +386,38 @@ class Handler(BaseHTTPRequestHandler):
             delta = ({"role": "assistant", "content": text} if role else {"content": text}) if text or role else {}
             return [{"index": 0, "delta": delta, "finish_reason": reason}]
 
-        n = 0
-        try:
-            if chat:
-                event(choice("", role=True))
-            for out in s.outputs(rid, q):
-                n += len(out.new_token_ids)
-                if out.text:
-                    event(choice(out.text))
-                if out.finished:
-                    event(choice("", out.finish_reason))
-                    if options.get("include_usage"):
-                        event([], usage=usage(len(prompt), n, out.num_cached_tokens))
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):  # the client went away: stop generating for it
-            s.cancel(rid)
-            for _ in s.outputs(rid, q):  # to the abort's output, so that the metrics count it
-                pass
+        async def events():
+            finished, n = False, 0
+            try:
+                if chat:
+                    yield event(choice("", role=True))
+                while not finished:
+                    out = await q.get()
+                    finished, n = out.finished, n + len(out.new_token_ids)
+                    if out.text:
+                        yield event(choice(out.text))
+                    if finished:
+                        yield event(choice("", out.finish_reason))
+                        if options.get("include_usage"):
+                            yield event([], usage=usage(len(prompt), n, out.num_cached_tokens))
+                yield "data: [DONE]\n\n"
+            finally:
+                if not finished:  # the client went away (or the server is stopping): stop generating for it
+                    s.cancel(rid)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def on_api_error(request, e: ApiError):
+        return error_response(e)
+
+    async def on_http_error(request, e):  # unknown paths and methods, in the same envelope
+        return error_response(ApiError(e.status_code, f"{e.detail}: {request.method} {request.url.path}",
+                                       code="not_found" if e.status_code == 404 else None))
+
+    routes = [Route("/health", health), Route("/metrics", metrics), Route("/", page),
+              Route("/v1/models", models), Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
@@ -461,6 +452,8 @@ def parse_args(argv) -> ServerOptions:
 
 def main(argv=None):
     o = parse_args(argv)
+    if uvicorn is None:
+        raise UsageError("serve.py needs its extra: pip install -e '.[serve]' (starlette and uvicorn)")
     checkpoint = o.checkpoint or default_checkpoint()
     device = pick_device(o.device)
     dtype = pick_dtype(o.dtype, device)
@@ -475,14 +468,22 @@ def main(argv=None):
         while True:
             engine.step()
     name = o.model_name or os.path.basename(os.path.normpath(checkpoint))
-    Handler.service = Service(engine, tokenizer, name, o)
+    app = make_app(Service(engine, tokenizer, name, o))
+    sock = socket.socket(socket.AF_INET6 if ":" in o.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        httpd = ThreadingHTTPServer((o.host, o.port), Handler)
+        sock.bind((o.host, o.port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn takes over
     except OSError as e:
         raise UsageError(f"cannot listen on {o.host}:{o.port} ({e.strerror})")
-    httpd.daemon_threads = True
-    print(f"nimblelm: serving {name} on http://{o.host}:{httpd.server_address[1]}", file=sys.stderr, flush=True)
-    httpd.serve_forever()
+    print(f"nimblelm: serving {name} on http://{o.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    # SIGTERM or Ctrl-C: uvicorn stops accepting, lets running requests finish (aborting those still
+    # streaming after 30 s), and returns.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; this handler makes that a return.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    asyncio.run(server.serve(sockets=[sock]))
+    return 0
 
 
 if __name__ == "__main__":

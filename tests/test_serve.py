@@ -18,13 +18,10 @@ KEY = "test-key"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def server(default_checkpoint):
-    """The default model in float32 (greedy answers as generate() gives them), at most 2 running and 1
-    waiting, so that a burst of requests meets the queue's bound."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--checkpoint", default_checkpoint,
-                             "--port", "0", "--dtype", "float32", "--max-num-seqs", "2", "--max-waiting", "1",
-                             "--kv-cache-tokens", "4096", "--api-key", KEY, "--served-model-name", "smol"],
+def start(checkpoint, *extra):
+    """A serve.py process on a free port -> (process, its URL)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--checkpoint", checkpoint,
+                             "--port", "0", "--dtype", "float32", "--served-model-name", "smol", *extra],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     url = None
     deadline = time.time() + 300
@@ -38,6 +35,15 @@ def server(default_checkpoint):
         proc.kill()
         pytest.fail("the server did not start: " + proc.stderr.read()[-2000:])
     threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(default_checkpoint):
+    """The default model in float32 (greedy answers as generate() gives them), at most 2 running and 2
+    waiting, so that a burst of requests meets the queue's bound."""
+    proc, url = start(default_checkpoint, "--max-num-seqs", "2", "--max-waiting", "2", "--kv-cache-tokens", "4096",
+                      "--api-key", KEY)
     yield url, default_checkpoint
     proc.terminate()
     proc.wait(30)
@@ -51,9 +57,9 @@ def request(url, path, body=None, key=KEY, raw=None, method=None):
         req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, r.read().decode(), dict(r.headers)
+            return r.status, r.read().decode(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(), dict(e.headers)
+        return e.code, e.read().decode(), {k.lower(): v for k, v in e.headers.items()}
 
 
 def metric(url, name):
@@ -103,6 +109,36 @@ def test_openai_client_chat_completions_and_models(server):
     assert "Paris" in c.choices[0].text and c.usage.completion_tokens == 6 and c.choices[0].finish_reason == "length"
     s = client.completions.create(model="smol", prompt="Count: 1, 2, 3,", max_tokens=30, temperature=0, stop=[" 6"])
     assert s.choices[0].finish_reason == "stop" and " 6" not in s.choices[0].text and "5" in s.choices[0].text
+    # errors surface as the client's own exception types
+    strict = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    for error, kwargs in ((openai.NotFoundError, dict(model="gpt-9")), (openai.BadRequestError, dict(n=2)),
+                          (openai.BadRequestError, dict(max_tokens=10 ** 6)),
+                          (openai.BadRequestError, dict(temperature=-1))):
+        with pytest.raises(error):
+            strict.chat.completions.create(**{"model": "smol", "messages": messages, "max_tokens": 4, **kwargs})
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_greedy_answers_under_concurrency_equal_one_at_a_time(server):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    questions = ["Name a planet.", "What is 2 + 2?", "Name a colour.", "What is the capital of Italy?"]
+
+    def ask(q):
+        r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=16,
+                                           temperature=0)
+        return r.choices[0].message.content
+    alone = [ask(q) for q in questions]
+    together = [None] * len(questions)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i])))
+               for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
@@ -128,19 +164,19 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         error = json.loads(text)["error"]
         assert got == status and set(error) == {"message", "type", "param", "code"}, (kwargs.keys(), got, text)
         assert error["param"] == param and (code is None or error["code"] == code), (got, error)
-    # a burst beyond 2 running and 1 waiting: some are refused with 429 and Retry-After
+    # 10 at once against 2 running and 2 waiting: 4 served, 6 refused with 429 and Retry-After, none lost
     results = []
 
     def one():
-        results.append(request(url, "/v1/chat/completions", {**ok, "max_tokens": 40, "ignore_eos": True}))
-    threads = [threading.Thread(target=one) for _ in range(6)]
+        results.append(request(url, "/v1/chat/completions", {**ok, "max_tokens": 64, "ignore_eos": True}))
+    threads = [threading.Thread(target=one) for _ in range(10)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    refused = [r for r in results if r[0] == 429]
-    assert refused and all(r[2].get("Retry-After") for r in refused)
-    assert all(r[0] in (200, 429) for r in results) and any(r[0] == 200 for r in results)
+    assert sorted(r[0] for r in results) == [200] * 4 + [429] * 6
+    assert all(r[2].get("retry-after") for r in results if r[0] == 429)
+    assert all(json.loads(r[1])["usage"]["completion_tokens"] == 64 for r in results if r[0] == 200)
     assert request(url, "/health", key=None)[0] == 200 and request(url, "/v1/chat/completions", ok)[0] == 200
 
 
@@ -211,3 +247,22 @@ def test_chat_page_in_a_real_browser(server):
         page.screenshot(path=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nimblelm-chat.png"))
         browser.close()
     assert not errors, errors
+
+
+def test_sigterm_lets_a_running_stream_finish_and_exits_0(default_checkpoint):
+    import http.client
+    import signal
+    proc, url = start(default_checkpoint)
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "smol", "messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 40,
+         "ignore_eos": True, "stream": True}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.readline().startswith(b"data: ")
+    proc.send_signal(signal.SIGTERM)
+    rest = response.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest.replace('":"', '": "')
+    assert proc.wait(60) == 0
+    with pytest.raises(OSError):  # no longer accepting
+        urllib.request.urlopen(url + "/health", timeout=5)
