@@ -14,6 +14,12 @@ process so that compile time and peak memory are its own:
 All requests arrive at time 0 (in engine-cN: when the client sends them), so time to first token includes
 queueing. Reported: output tok/s, requests/s, time to first token and time per output token (p50, p99),
 peak memory, and, for the engine, the share of its KV slots that held tokens.
+
+    python bench_serving.py --url http://127.0.0.1:8000 --model NAME --concurrency 1,4,16,32 --requests 32
+
+With --url, any OpenAI-compatible server (ours, vLLM's, llama.cpp's) gets streamed chat completions
+instead: prompts of 20-200 words of the same text, 128 output tokens with end tokens ignored, greedy,
+--requests of them at each concurrency; failed requests are counted, not retried.
 """
 import json
 import os
@@ -146,6 +152,89 @@ def run_mode(a) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Over HTTP
+
+
+def http_load(url: str, model: str, n: int, concurrency: int, seed: int, api_key=None, max_tokens=128) -> dict:
+    """n streamed chat completions, at most `concurrency` in flight -> the figures of that run."""
+    import random
+    import threading
+    import urllib.request
+    from pydoc_data.topics import topics
+    words = " ".join(topics[k] for k in sorted(topics)).split()
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        k, start = rng.randint(20, 200), rng.randrange(len(words) - 200)
+        prompts.append("Continue this text:\n" + " ".join(words[start:start + k]))
+    results, lock, todo = [], threading.Lock(), list(range(n))
+
+    def one(prompt):
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+                           "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        if api_key:
+            req.add_header("Authorization", f"Bearer {api_key}")
+        start, first, tokens = time.perf_counter(), None, 0
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                for line in r:
+                    if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content") and first is None:
+                        first = time.perf_counter()
+            return start, first, time.perf_counter(), tokens
+        except OSError:
+            return None
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+            r = one(prompts[i])
+            with lock:
+                results.append(r)
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    ok = [r for r in results if r is not None and r[1] is not None]
+    tokens = sum(r[3] for r in ok)
+    return {"concurrency": concurrency, "requests": n, "failed": n - len(ok), "wall_s": wall,
+            "output_tokens": tokens, "output_tok_s": tokens / wall,
+            "ttft_p50_s": percentile([f - s for s, f, _, _ in ok], 50),
+            "ttft_p99_s": percentile([f - s for s, f, _, _ in ok], 99),
+            "tpot_p50_s": percentile([(e - f) / (k - 1) for _, f, e, k in ok if k > 1], 50),
+            "tpot_p99_s": percentile([(e - f) / (k - 1) for _, f, e, k in ok if k > 1], 99)}
+
+
+def main_http(a) -> int:
+    rows = []
+    for c in (int(x) for x in a.concurrency.split(",") if x):
+        rows.append(http_load(a.url, a.model, a.requests, c, a.seed, a.api_key))
+        x = rows[-1]
+        print(f"concurrency {c:>3}: {x['output_tok_s']:7.1f} tok/s, ttft p50 {x['ttft_p50_s']:.2f} s p99 "
+              f"{x['ttft_p99_s']:.2f} s, tpot p50 {1e3 * x['tpot_p50_s']:.1f} ms p99 {1e3 * x['tpot_p99_s']:.1f} ms, "
+              f"{x['failed']} failed", flush=True)
+    with open(a.json + ".tmp", "w") as f:
+        json.dump({"url": a.url, "model": a.model, "rows": rows}, f, indent=2)
+    os.replace(a.json + ".tmp", a.json)
+    print(f"results written to {a.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -163,8 +252,15 @@ def main(argv=None):
     p.add_argument("--concurrency", default="1,8", help="engine runs with at most N requests in flight")
     p.add_argument("--modes", default=None, help="a comma-separated subset of the modes, in this order")
     p.add_argument("--json", default="bench-serving.json", help="where to write the results")
+    p.add_argument("--url", help="load an OpenAI-compatible server at this address instead")
+    p.add_argument("--model", help="with --url: the model's name there")
+    p.add_argument("--api-key", help="with --url: a bearer token")
     p.add_argument("--mode", help=argparse_hidden())
     a = p.parse_args(argv)
+    if a.url:
+        if not a.model:
+            raise UsageError("--url needs --model NAME")
+        return main_http(a)
     a.checkpoint = a.checkpoint or default_checkpoint()
     read_config(a.checkpoint)
     if a.requests < 1 or a.max_num_seqs < 1:

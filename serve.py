@@ -144,7 +144,8 @@ class Metrics:
 
 
 class Service:
-    """The engine, driven by one thread that alone touches it. HTTP handlers post requests and aborts to
+    """The engine, driven by one thread that alone touches it: the main thread, since PyTorch's CPU kernels
+    run at half speed in another thread here. HTTP handlers (uvicorn's thread) post requests and aborts to
     its inbox; it answers each request's outputs into that request's asyncio queue."""
 
     def __init__(self, engine: Engine, tokenizer, name: str, options: ServerOptions):
@@ -155,15 +156,15 @@ class Service:
         self.stats = engine.stats()  # a snapshot for /metrics, renewed by the engine's thread
         self.context = engine.model.args.max_seq_len
         self.capacity = min(self.context, engine.num_blocks * engine.block_size)
-        threading.Thread(target=self.run, daemon=True).start()
 
-    def run(self):
+    def run(self, serving):
+        """Step the engine while serving() is true (and, after, while requests remain)."""
         engine = self.engine
-        while True:
+        while serving() or engine.has_unfinished():
             items = []
             try:
                 if not engine.has_unfinished() and engine.world == 1:
-                    items.append(self.inbox.get())  # nothing to step: wait for a request
+                    items.append(self.inbox.get(timeout=0.1))  # nothing to step: wait for a request
                 while True:
                     items.append(self.inbox.get_nowait())
             except queue.Empty:
@@ -468,7 +469,8 @@ def main(argv=None):
         while True:
             engine.step()
     name = o.model_name or os.path.basename(os.path.normpath(checkpoint))
-    app = make_app(Service(engine, tokenizer, name, o))
+    service = Service(engine, tokenizer, name, o)
+    app = make_app(service)
     sock = socket.socket(socket.AF_INET6 if ":" in o.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -477,12 +479,14 @@ def main(argv=None):
     except OSError as e:
         raise UsageError(f"cannot listen on {o.host}:{o.port} ({e.strerror})")
     print(f"nimblelm: serving {name} on http://{o.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
-    # SIGTERM or Ctrl-C: uvicorn stops accepting, lets running requests finish (aborting those still
-    # streaming after 30 s), and returns.
+    # HTTP in a thread of its own, the engine in this one. SIGTERM or Ctrl-C: uvicorn stops accepting and
+    # lets running requests finish (aborting those still streaming after 30 s); then the engine stops.
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
-    # uvicorn re-raises the SIGTERM it handled once it has shut down; this handler makes that a return.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    asyncio.run(server.serve(sockets=[sock]))
+    http = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: server.handle_exit(signum, frame))
+    http.start()
+    service.run(serving=http.is_alive)
     return 0
 
 
