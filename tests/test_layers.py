@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, converted_checkpoint
 from errors import UsageError
