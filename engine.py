@@ -104,6 +104,7 @@ class Engine:
         self.tokens_generated = self.tokens_prompt = 0
         self.world, self.rank = tp.world_size(), tp.rank()
         self.calls = []  # rank 0's add_request / abort calls, to broadcast at the next step (torchrun)
+        self.stopped = False  # set on every rank by rank 0's stop()
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, device="cpu", dtype=torch.float32, **kwargs) -> "Engine":
@@ -172,6 +173,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.seqs or self.pending or self.calls)
 
+    def stop(self):
+        """Under torchrun, on rank 0: tell the other ranks, stepping in a loop, that serving is over."""
+        if self.world > 1 and self.rank == 0:
+            self.calls.append(["stop"])
+            self._sync_calls()
+
     def _sync_calls(self):
         """Under torchrun: carry out rank 0's calls since the last step, on every rank, in order."""
         import torch.distributed as dist
@@ -187,8 +194,10 @@ class Engine:
         for call in json.loads(bytes(data.tolist()) or b"[]"):
             if call[0] == "add":
                 self._add(call[1], call[2], SamplingParams(**call[3]))
-            else:
+            elif call[0] == "abort":
                 self._abort(call[1])
+            else:
+                self.stopped = True
 
     # -----------------------------------------------------------------------------------------------------
     # One step

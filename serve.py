@@ -465,9 +465,10 @@ def main(argv=None):
     engine = Engine(model, tokenizer, max_num_seqs=o.max_num_seqs, kv_cache_tokens=o.kv_cache_tokens,
                     kv_cache_gb=o.kv_cache_gb, compile=o.compile)
     engine.warm_up()
-    if tp.rank() > 0:  # the other ranks step with rank 0, forever
-        while True:
+    if tp.rank() > 0:  # the other ranks step with rank 0 until it stops
+        while not engine.stopped:
             engine.step()
+        return 0
     name = o.model_name or os.path.basename(os.path.normpath(checkpoint))
     service = Service(engine, tokenizer, name, o)
     app = make_app(service)
@@ -487,6 +488,7 @@ def main(argv=None):
         signal.signal(sig, lambda signum, frame: server.handle_exit(signum, frame))
     http.start()
     service.run(serving=http.is_alive)
+    engine.stop()
     return 0
 
 

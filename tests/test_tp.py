@@ -142,3 +142,45 @@ def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path
     one, two = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (single, r))
     assert two["tokens"] == one["tokens"] and two["reasons"] == one["reasons"] == ["length"] * 3 + ["abort"]
     assert one["stats"]["preemptions"] > 0
+
+
+def test_server_on_two_ranks_answers_as_one_process(tmp_path_factory):
+    """Under torchrun rank 0 serves HTTP and every rank steps the tensor-parallel engine."""
+    import re
+    import signal
+    import urllib.request
+    from checkpoint import load_tokenizer
+    from engine import Engine
+    from sampling import SamplingParams
+    ckpt = checkpoint(tmp_path_factory, "gqa")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "serve.py", "--checkpoint", str(ckpt), "--port", "0", "--dtype", "float32",
+                             "--served-model-name", "tiny", "--kv-cache-tokens", "1024"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        url, lines = None, []
+        while url is None:
+            line = proc.stderr.readline()
+            if not line:
+                pytest.fail("the server did not start: " + "".join(lines[-20:]))
+            lines.append(line)
+            m = re.search(r"serving tiny on (http://\S+)", line)
+            url = m.group(1) if m else None
+        prompts = [[5, 6, 7, 8, 9], [40, 41, 42]]
+        answers = []
+        for prompt in prompts:
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+                {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                answers.append(json.loads(r.read())["choices"][0]["text"])
+        alone = Engine(load_model(str(ckpt)), load_tokenizer(str(ckpt)), kv_cache_tokens=1024).generate(
+            prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert answers == [c.text for c in alone] and all(len(a) >= 6 for a in answers), answers
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)  # every rank ends: none is left waiting in a broadcast
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the ranks did not end after SIGTERM")
