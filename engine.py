@@ -213,9 +213,9 @@ class Engine:
         self._copy_blocks(plan.copies)
         sampled, rows = [], []  # sequences whose next token is due, and their logits
         with torch.inference_mode():
-            decodes = [seq for seq, n in plan.work if n == 1 and seq.num_uncomputed == 1]
+            decodes = [seq for seq, _ in plan.work if seq.num_uncomputed == 1]
             for seq, n in plan.work:
-                if not (n == 1 and seq.num_uncomputed == 1):
+                if seq.num_uncomputed > 1:  # a prompt (or a recomputation), in chunks: a forward of its own
                     logits = self._prefill(seq, n)
                     self.scheduler.computed(seq, n)
                     if seq.num_uncomputed == 0:
