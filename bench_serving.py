@@ -23,14 +23,13 @@ instead: prompts of 20-200 words of the same text, 128 output tokens with end to
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from checkpoint import default_checkpoint, load_model, load_tokenizer, read_config
+from checkpoint import default_checkpoint, load_model, load_tokenizer, peak_memory_gb, read_config
 from decode import Steps, generate
 from engine import Engine
 from errors import ArgumentParser, UsageError, run_command
@@ -53,12 +52,6 @@ def workload(checkpoint: str, n: int, seed: int = 0) -> list:
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -62,6 +62,14 @@ def pick_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process has held: allocated on a GPU, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 

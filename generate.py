@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 import tp
-from checkpoint import (DTYPES, default_checkpoint, load_model, load_tokenizer, pick_device, pick_dtype,
-                        weight_bytes_per_token)
+from checkpoint import (DTYPES, default_checkpoint, load_model, load_tokenizer, peak_memory_gb, pick_device,
+                        pick_dtype, weight_bytes_per_token)
 from decode import Steps, TextStream, generate
 from errors import ArgumentParser, UsageError, run_command
 from sampling import SamplingParams
@@ -183,13 +183,6 @@ def warm_up(o: Options, model, tok, prompts_ids, steps, draft) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # Running and reporting
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def synchronize(device):
