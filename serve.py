@@ -193,8 +193,10 @@ class Service:
             q = asyncio.Queue()
             self.requests[rid] = [q, loop, time.perf_counter(), None, 0]
             loop.call_soon_threadsafe(future.set_result, (rid, q))
-        except UsageError as e:
-            loop.call_soon_threadsafe(future.set_exception, ApiError(400, str(e), e.param, "invalid_value"))
+        except UsageError as e:  # the engine's refusals; max_tokens: the prompt and it do not fit
+            error = (ApiError(400, str(e), "messages", "context_length_exceeded") if e.param == "max_tokens"
+                     else ApiError(400, str(e), e.param, "invalid_value"))
+            loop.call_soon_threadsafe(future.set_exception, error)
         except ApiError as e:
             loop.call_soon_threadsafe(future.set_exception, e)
 
@@ -213,10 +215,6 @@ class Service:
 
     async def submit(self, prompt: list, params: SamplingParams):
         """Queue a request in the engine -> (its id, the asyncio queue of its outputs)."""
-        if len(prompt) + params.max_tokens > self.capacity:
-            raise ApiError(400, f"This model's maximum context length is {self.capacity} tokens. However, you "
-                           f"requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, "
-                           f"{params.max_tokens} for the completion).", "messages", "context_length_exceeded")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.inbox.put(("add", prompt, params, future, loop))
