@@ -21,6 +21,7 @@ With --url, any OpenAI-compatible server (ours, vLLM's, llama.cpp's) gets stream
 instead: prompts of 20-200 words of the same text, 128 output tokens with end tokens ignored, greedy,
 --requests of them at each concurrency; failed requests are counted, not retried.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -66,8 +67,7 @@ def run_generate(model, steps, requests, batch: int) -> list:
     for i in range(0, len(requests), batch):
         group = requests[i:i + batch]
         params = SamplingParams(max_tokens=max(o for _, o in group), ignore_eos=True)
-        first = last = None
-        last = [None] * len(group)
+        first, last = None, [None] * len(group)
         for step, _ in enumerate(generate(model, [p for p, _ in group] if batch > 1 else group[0][0], params,
                                           steps=steps)):
             now = time.perf_counter() - t0
@@ -248,7 +248,7 @@ def main(argv=None):
     p.add_argument("--url", help="load an OpenAI-compatible server at this address instead")
     p.add_argument("--model", help="with --url: the model's name there")
     p.add_argument("--api-key", help="with --url: a bearer token")
-    p.add_argument("--mode", help=argparse_hidden())
+    p.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
     a = p.parse_args(argv)
     if a.url:
         if not a.model:
@@ -288,11 +288,6 @@ def main(argv=None):
     os.replace(a.json + ".tmp", a.json)
     print(f"results written to {a.json}")
     return 0
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
