@@ -86,6 +86,14 @@ class BlockManager:
             seq.block_table.append(self._allocate())
         return copies
 
+    def fork(self, parent: Sequence, child: Sequence):
+        """Give child (a new beam of a beam search) parent's blocks, shared: whichever of them writes into a
+        shared block later gets a copy first (reserve)."""
+        for block in parent.block_table:
+            self._take(block)
+        child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
+        child.num_computed = parent.num_computed
+
     def register(self, seq: Sequence):
         """Enter the full, computed blocks of seq that are not registered yet into the prefix cache."""
         bs = self.block_size

@@ -9,11 +9,17 @@ with prefix caching. A Python API shaped like vLLM's:
     engine.abort(rid)
     engine.stats()                         # running, waiting, KV blocks, preemptions, prefix-cache hits
     engine.generate(prompts, params)       # offline: all at once, results in order
+    engine.add_request(prompt_token_ids, BeamParams(num_beams=4, max_tokens=64))   # beam search
 
 Each step runs the scheduler's plan (scheduler.py, block_manager.py): the decoding requests as one batch,
 each row at its own position, padded to a few batch sizes so that the compiled step keeps a small fixed
 set of graphs; prompt chunks one forward each. Each request samples with its own options (and its own
 generator when it has a seed) and stops at its own end tokens and stop strings.
+
+A beam-search request (BeamParams instead of SamplingParams) runs its beams as sequences of the batch
+that share blocks: after each step every new beam forks its parent's block table (reference counts, no
+copy), and only a partly filled block that two beams would write is copied. It reports once, at the end,
+with its best hypotheses; the search itself is beam.py's, so it chooses what beam_search chooses.
 
 Under torchrun the model is tensor-parallel (checkpoint.load_model) and every rank must step the same
 batch. Rank 0 is the engine's front: its add_request and abort calls are broadcast at the start of the
@@ -22,12 +28,13 @@ ranks add_request and abort only check their arguments and hand out the same ids
 """
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 
 import tp
+from beam import BeamParams, BeamState
 from block_manager import BlockManager
 from checkpoint import load_model, load_tokenizer
 from decode import KV_BLOCK, Steps, TextStream
@@ -37,7 +44,7 @@ from sampling import SamplingParams, sample_rows
 from scheduler import Scheduler
 from sequence import Sequence, Status
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "Completion"]
+__all__ = ["Engine", "SamplingParams", "BeamParams", "RequestOutput", "Completion"]
 
 
 @dataclass
@@ -50,6 +57,7 @@ class RequestOutput:
     finish_reason: Optional[str]     # "stop" (end token or stop string), "length", "abort"; None while running
     num_prompt_tokens: int
     num_cached_tokens: int           # prompt tokens taken from the prefix cache rather than computed
+    hypotheses: Optional[list] = None  # beam search: the best beam.Hypothesis objects, best first
 
 
 @dataclass
@@ -61,6 +69,15 @@ class Completion:
     finish_reason: str
     num_prompt_tokens: int
     num_cached_tokens: int
+    hypotheses: Optional[list] = None
+
+
+@dataclass
+class BeamGroup:
+    """A beam-search request inside the engine."""
+    state: BeamState
+    beams: list                                     # its running sequences, in beam order
+    log_probs: dict = field(default_factory=dict)   # sequence -> next-token log-probs, until all beams have them
 
 
 def paged_logits(model, tokens, positions, write_slots, read_slots):
@@ -99,7 +116,7 @@ class Engine:
         self.decode_fn = Steps(model).compiled(paged_logits) if compile else paged_logits
         self.compiled = compile
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
-        self.seqs, self.streams, self.pending = {}, {}, []
+        self.seqs, self.streams, self.pending, self.groups = {}, {}, [], {}
         self.ids = itertools.count()
         self.tokens_generated = self.tokens_prompt = 0
         self.world, self.rank = tp.world_size(), tp.rank()
@@ -114,12 +131,13 @@ class Engine:
     # -----------------------------------------------------------------------------------------------------
     # Requests
 
-    def add_request(self, prompt_token_ids: list, params: SamplingParams = SamplingParams(),
-                    request_id: Optional[str] = None) -> str:
-        """Queue a request; it joins the running batch as soon as there is room. Returns its id. Refuses,
-        with a UsageError, a request that could never run: too long for the context or the whole cache."""
-        if not isinstance(params, SamplingParams):
-            raise UsageError("params must be a SamplingParams")
+    def add_request(self, prompt_token_ids: list, params=SamplingParams(), request_id: Optional[str] = None) -> str:
+        """Queue a request; it joins the running batch as soon as there is room. Returns its id. params: a
+        SamplingParams, or a BeamParams for beam search. Refuses, with a UsageError, a request that could
+        never run: too long for the context or the whole cache."""
+        if not isinstance(params, (SamplingParams, BeamParams)):
+            raise UsageError("params must be a SamplingParams or a BeamParams")
+        beams = params.num_beams if isinstance(params, BeamParams) else 1
         prompt = list(prompt_token_ids)
         vocab = self.model.args.vocab_size
         if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
@@ -128,29 +146,38 @@ class Engine:
         if need > self.model.args.max_seq_len:
             raise UsageError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                              f"the model's context of {self.model.args.max_seq_len} tokens", "max_tokens")
-        if need > self.num_blocks * self.block_size:
+        if beams * -(-need // self.block_size) > self.num_blocks:
             raise UsageError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                             f"the KV cache of {self.num_blocks * self.block_size} tokens", "max_tokens")
-        if params.stop and self.tokenizer is None:
+                             f"the KV cache of {self.num_blocks * self.block_size} tokens"
+                             + (f" for {beams} beams" if beams > 1 else ""), "max_tokens")
+        if beams > self.scheduler.max_num_seqs:
+            raise UsageError(f"num_beams ({beams}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})", "num_beams")
+        if isinstance(params, SamplingParams) and params.stop and self.tokenizer is None:
             raise UsageError("stop strings need the engine to have a tokenizer", "stop")
         request_id = str(next(self.ids)) if request_id is None else str(request_id)
         if request_id in self.seqs or any(c[1] == request_id for c in self.calls if c[0] == "add"):
             raise UsageError(f"request id {request_id!r} is already in use")
         if self.world > 1:
             if self.rank == 0:
-                self.calls.append(["add", request_id, prompt, asdict(params)])
+                self.calls.append(["add", request_id, prompt, asdict(params), type(params).__name__])
             return request_id
         self._add(request_id, prompt, params)
         return request_id
 
-    def _add(self, request_id: str, prompt: list, params: SamplingParams):
+    def _add(self, request_id: str, prompt: list, params):
+        beam = params if isinstance(params, BeamParams) else None
+        if beam:
+            params = SamplingParams(max_tokens=beam.max_tokens)
         seq = Sequence(request_id, prompt, params, self.device)
         self.tokens_prompt += len(prompt)
+        if beam:
+            seq.width = beam.num_beams  # room for its beams from the start
+            self.groups[request_id] = BeamGroup(BeamState(beam, 1, self.eos_ids, self.device), [seq])
         if params.max_tokens == 0:
             self.pending.append(self._output(seq, [], "", "length"))
             return
         self.seqs[request_id] = seq
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and not beam:
             self.streams[request_id] = TextStream(self.tokenizer, params.stop, params.min_tokens)
         self.scheduler.add(seq)
 
@@ -166,7 +193,8 @@ class Engine:
     def _abort(self, request_id: str):
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
-            self.scheduler.remove(seq)
+            for s in self.groups.pop(request_id, BeamGroup(None, [seq])).beams:
+                self.scheduler.remove(s)
             self.streams.pop(seq.request_id, None)
             self.pending.append(self._output(seq, [], "", "abort"))
 
@@ -193,7 +221,7 @@ class Engine:
         self.calls = []
         for call in json.loads(bytes(data.tolist()) or b"[]"):
             if call[0] == "add":
-                self._add(call[1], call[2], SamplingParams(**call[3]))
+                self._add(call[1], call[2], (BeamParams if call[4] == "BeamParams" else SamplingParams)(**call[3]))
             elif call[0] == "abort":
                 self._abort(call[1])
             else:
@@ -229,6 +257,13 @@ class Engine:
             if not sampled:
                 return outputs
             logits = torch.cat(rows)
+            beam_rows = [i for i, s in enumerate(sampled) if s.request_id in self.groups]
+            if beam_rows:  # beams go to their searches, the rest are sampled
+                plain = [i for i in range(len(sampled)) if i not in beam_rows]
+                outputs += self._beam_step([sampled[i] for i in beam_rows], logits[beam_rows])
+                sampled, logits = [sampled[i] for i in plain], logits[plain]
+                if not sampled:
+                    return outputs
             eos = list(self.eos_ids)
             for i, seq in enumerate(sampled):  # min_tokens: no end token yet
                 if eos and seq.num_generated < seq.params.min_tokens and not seq.params.ignore_eos:
@@ -237,6 +272,50 @@ class Engine:
         for seq, token in zip(sampled, tokens):
             outputs.append(self._append(seq, token))
         return outputs
+
+    def _beam_step(self, seqs: list, logits: torch.Tensor) -> list:
+        """Beams whose next-token logits are in: each group whose beams all have theirs chooses its next
+        beams, which fork their parents' blocks, or ends. Returns the outputs of the groups that end."""
+        outputs = []
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for seq, row in zip(seqs, log_probs):
+            self.groups[seq.request_id].log_probs[seq] = row
+        for rid in dict.fromkeys(s.request_id for s in seqs):  # in order: every rank the same (torchrun)
+            group = self.groups[rid]
+            if len(group.log_probs) < len(group.beams):
+                continue  # a beam is still waiting (preempted): wait for it
+            K = group.state.K
+            rows = torch.stack([group.log_probs[s] for s in group.beams]).expand(K, -1)  # first step: one row
+            group.log_probs.clear()
+            done, parents, tokens = group.state.advance(rows)
+            self.tokens_generated += K
+            if done:
+                outputs.append(self._end_beams(rid, group))
+                continue
+            children = []
+            for p, token in zip(parents, tokens):
+                parent = group.beams[p if len(group.beams) > 1 else 0]
+                child = Sequence(rid, parent.tokens[:parent.num_prompt_tokens], parent.params, self.device)
+                child.tokens = parent.tokens + [token]
+                child.admitted_once, child.num_cached_prompt_tokens = True, parent.num_cached_prompt_tokens
+                self.blocks.fork(parent, child)
+                children.append(child)
+            self.scheduler.replace(group.beams, children)
+            group.beams = children
+        return outputs
+
+    def _end_beams(self, rid: str, group: BeamGroup) -> RequestOutput:
+        for seq in group.beams:
+            self.scheduler.remove(seq)
+        del self.groups[rid]
+        seq = self.seqs.pop(rid)
+        hypotheses = group.state.results()[0]
+        best = hypotheses[0].token_ids
+        ended = bool(best) and best[-1] in self.eos_ids
+        text = self.tokenizer.decode(best[:-1] if ended else best) if self.tokenizer is not None else ""
+        out = self._output(seq, best, text, "stop" if ended else "length")
+        out.hypotheses = hypotheses
+        return out
 
     def _copy_blocks(self, copies):
         if not copies:
@@ -329,7 +408,7 @@ class Engine:
                     if out.finished:
                         done[out.request_id] = out
         return [Completion(i, tokens[i], texts[i], done[i].finish_reason, done[i].num_prompt_tokens,
-                           done[i].num_cached_tokens) for i in ids]
+                           done[i].num_cached_tokens, done[i].hypotheses) for i in ids]
 
     def warm_up(self):
         """Compile the decode step for every batch size now, with padding rows only, rather than when

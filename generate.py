@@ -4,9 +4,10 @@
     python generate.py --checkpoint DIR --chat --prompt "What is the capital of France?"
     python generate.py --checkpoint DIR --prompt "a" --prompt "longer b" --temperature 0.8 --top-p 0.9
     python generate.py --interactive                               # multi-turn chat, KV cache kept
+    python generate.py --prompt "The capital of France" --num-beams 4 --num-return-sequences 2 --json
 
 The work is done by the library files below this one (checkpoint.py loads, decode.py decodes,
-speculative.py speculates); this file turns flags into their options, prints, and reports speed.
+speculative.py speculates, beam.py searches); this file turns flags into their options, prints, and reports speed.
 For Python, `load_model` and `generate` are importable from here too:
 
     from generate import load_model, generate, SamplingParams
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 
 import tp
+from beam import BeamParams, BeamSteps, beam_search
 from checkpoint import (DTYPES, default_checkpoint, load_model, load_tokenizer, peak_memory_gb, pick_device,
                         pick_dtype, weight_bytes_per_token)
 from decode import Steps, TextStream, generate
@@ -52,6 +54,7 @@ class Options:
     draft: Optional[str] = None              # "ngram": speculative decoding by prompt lookup
     draft_checkpoint: Optional[str] = None   # speculative decoding with this draft model
     speculate_k: int = 4                     # tokens proposed per speculative round
+    beam: Optional[BeamParams] = None        # beam search instead of sampling (--num-beams)
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -69,6 +72,14 @@ class Options:
                 raise UsageError(f"--speculate-k must be >= 1, not {self.speculate_k}")
             if self.interactive or len(self.prompts) > 1:
                 raise UsageError("speculative decoding takes one --prompt (no batch, no --interactive)")
+        if self.beam:
+            s = self.sampling
+            if not s.greedy or s.top_k is not None or s.top_p is not None:
+                raise UsageError("--num-beams searches, it does not sample: drop --temperature, --top-k, --top-p")
+            for bad, flag in ((s.stop, "--stop"), (self.interactive, "--interactive"), (self.speculative, "--draft"),
+                              (self.num_samples > 1, "--num-samples")):
+                if bad:
+                    raise UsageError(f"--num-beams does not combine with {flag}")
 
     @property
     def speculative(self) -> bool:
@@ -102,6 +113,17 @@ def parse_args(argv) -> Options:
     p.add_argument("--draft-checkpoint", help="speculative decoding with this draft model (same tokenizer)")
     p.add_argument("--draft", choices=["ngram"], help="speculative decoding with prompt lookup, no draft model")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens proposed per speculative round")
+    p.add_argument("--num-beams", type=int, help="beam search with this many beams per prompt")
+    p.add_argument("--length-penalty", type=float, help="beam score = log-prob / length ** this (default 1)")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"],
+                   help="when beam search stops, as in transformers (default false)")
+    p.add_argument("--num-return-sequences", type=int, help="best hypotheses printed per prompt (default 1)")
+    p.add_argument("--beam-rel-threshold", type=float, help="prune candidates below this fraction of the best's "
+                                                             "probability")
+    p.add_argument("--beam-abs-threshold", type=float, help="prune candidates this far below the best's log-prob")
+    p.add_argument("--beam-local-threshold", type=float, help="prune candidates whose last token is below this "
+                                                               "fraction of the best last token's probability")
+    p.add_argument("--beam-max-candidates", type=int, help="at most this many candidates per beam run on")
     a = p.parse_args(argv)
     try:
         sampling = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
@@ -109,11 +131,32 @@ def parse_args(argv) -> Options:
     except UsageError as e:  # named by its field; say the flag
         flag = "--" + {"max_tokens": "max_new_tokens"}.get(e.param, e.param).replace("_", "-")
         raise UsageError(flag + str(e)[len(e.param):])
-    return Options(sampling=sampling, prompts=tuple(a.prompt or ()), checkpoint=a.checkpoint, chat=a.chat,
+    return Options(sampling=sampling, beam=beam_params(a), prompts=tuple(a.prompt or ()), checkpoint=a.checkpoint, chat=a.chat,
                    system=a.system, interactive=a.interactive, num_samples=a.num_samples, device=a.device,
                    dtype=a.dtype, max_seq_len=a.max_seq_len, compile=a.compile, compile_prefill=a.compile_prefill,
                    json=a.json, profile=a.profile, draft=a.draft, draft_checkpoint=a.draft_checkpoint,
                    speculate_k=a.speculate_k)
+
+
+def beam_params(a) -> Optional[BeamParams]:
+    """The beam-search flags as BeamParams; None without --num-beams."""
+    flags = {"num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
+             "num_return_sequences": "num_return_sequences", "beam_rel_threshold": "rel_threshold",
+             "beam_abs_threshold": "abs_threshold", "beam_local_threshold": "local_threshold",
+             "beam_max_candidates": "max_candidates"}
+    given = {name: getattr(a, name) for name in flags if getattr(a, name) is not None}
+    if a.num_beams is None:
+        if given:
+            raise UsageError(f"--{next(iter(given)).replace('_', '-')} needs --num-beams")
+        return None
+    given = {flags[name]: value for name, value in given.items()}
+    if "early_stopping" in given:
+        given["early_stopping"] = {"true": True, "false": False}.get(given["early_stopping"], "never")
+    try:
+        return BeamParams(max_tokens=a.max_new_tokens, **given)
+    except UsageError as e:
+        name = {v: k for k, v in flags.items()}.get(e.param, "max_new_tokens" if e.param == "max_tokens" else e.param)
+        raise UsageError("--" + name.replace("_", "-") + str(e)[len(e.param):])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,6 +192,37 @@ def cache_length(o: Options, context: int, prompts_ids: list) -> int:
     return cache_len + (o.speculate_k if o.speculative else 0)  # the verify step writes k slots past the text
 
 
+def run_beams(o: Options, model, tok, prompts_ids, steps, info: dict) -> list:
+    """Beam search over every prompt; print each prompt's best hypotheses, or a JSON object for each."""
+    eos_ids = set() if o.sampling.ignore_eos else tok.eos_ids
+    stats = {}
+    synchronize(steps.device)
+    t0 = time.perf_counter()
+    results = beam_search(model, prompts_ids, o.beam, eos_ids=eos_ids, steps=steps, stats=stats)
+    synchronize(steps.device)
+    elapsed = time.perf_counter() - t0
+    records = []
+    for i, hypotheses in enumerate(results):
+        for rank, h in enumerate(hypotheses):
+            ids = h.token_ids[:-1] if h.token_ids and h.token_ids[-1] in eos_ids else h.token_ids
+            records.append({"prompt": i, "rank": rank, "text": tok.decode(ids), "token_ids": h.token_ids,
+                            "score": h.score})
+    for r in records:
+        if o.json:
+            print(json.dumps(r), flush=True)
+        elif len(records) == 1:
+            print(r["text"], flush=True)
+        else:
+            print(f"--- prompt {r['prompt'] + 1}, hypothesis {r['rank'] + 1}, score {r['score']:.4f}\n{r['text']}",
+                  flush=True)
+    n, rows = stats["steps"], len(prompts_ids) * o.beam.num_beams
+    print(f"beam search: {len(prompts_ids)} prompt(s) x {o.beam.num_beams} beams, {n} steps in {elapsed:.2f} s, "
+          f"{n * rows / elapsed:.1f} hypothesis tok/s | per step: cache reordering {stats['reorder_bytes'] / n / 1e6:.2f} "
+          f"MB, weights {info['bytes_per_token'] / 1e6:.1f} MB | peak memory {peak_memory_gb(steps.device):.2f} GB | "
+          f"compile {info['compile_s']:.1f} s", file=sys.stderr)
+    return records
+
+
 def load_draft(o: Options, model, device, dtype):
     if not o.draft_checkpoint:
         return None
@@ -174,6 +248,10 @@ def warm_up(o: Options, model, tok, prompts_ids, steps, draft) -> float:
     compiling; returns the seconds it took."""
     t0 = time.perf_counter()
     prompts = prompts_ids or [[tok.encode("a")[0]]]
+    if o.beam:
+        beam_search(model, prompts, replace(o.beam, max_tokens=min(3, o.beam.max_tokens)), steps=steps)
+        synchronize(steps.device)
+        return time.perf_counter() - t0
     params = replace(o.sampling, max_tokens=min(3 + o.speculate_k, max(o.sampling.max_tokens, 1)), ignore_eos=True)
     for _ in token_steps(o, model, prompts, params, (), steps, draft):
         pass
@@ -310,12 +388,14 @@ def main(argv=None):
     model = load_model(checkpoint, device=device, dtype=dtype)
     tok = load_tokenizer(checkpoint)
     prompts_ids = encode_prompts(o, tok)
-    model.setup_caches(max_batch_size=max(1, len(prompts_ids)),
+    model.setup_caches(max_batch_size=max(1, len(prompts_ids)) * (o.beam.num_beams if o.beam else 1),
                        max_seq_length=cache_length(o, model.args.max_seq_len, prompts_ids))
     draft = load_draft(o, model, device, dtype)
     if o.speculative:
         pack_target(model)
         steps = SpeculativeSteps(model, compile=o.compile or o.compile_prefill)
+    elif o.beam:
+        steps = BeamSteps(model, compile=o.compile or o.compile_prefill, compile_prefill=o.compile_prefill)
     else:
         steps = Steps(model, compile=o.compile or o.compile_prefill, compile_prefill=o.compile_prefill)
     compile_s = warm_up(o, model, tok, prompts_ids, steps, draft) if o.compile or o.compile_prefill else 0.0
@@ -323,6 +403,9 @@ def main(argv=None):
     if o.interactive:
         return interactive(o, params, model, tok, steps)
     info = {"checkpoint": checkpoint, "compile_s": compile_s, "bytes_per_token": weight_bytes_per_token(model)}
+    if o.beam:
+        run_beams(o, model, tok, prompts_ids, steps, info)
+        return 0
     for sample_index in range(o.num_samples):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -69,8 +69,9 @@ class Scheduler:
                 plan.work.append((seq, n))
                 plan.copies += copies
                 budget -= n
-        # 2. Waiting sequences join while there is room: sequences, budget, and blocks for their chunk.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # 2. Waiting sequences join while there is room: rows, budget, and blocks for their chunk.
+        rows = sum(s.width for s in self.running)
+        while self.waiting and budget > 0 and rows + self.waiting[0].width <= self.max_num_seqs:
             seq = self.waiting[0]
             hit = self.blocks.admit(seq)
             n = min(seq.num_uncomputed, budget)
@@ -80,6 +81,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            rows += seq.width
             seq.status = Status.RUNNING
             self.prefix_cache_hit_tokens += seq.num_computed
             if not seq.admitted_once:
@@ -88,6 +90,16 @@ class Scheduler:
             plan.copies += copies
             budget -= n
         return plan
+
+    def replace(self, old: list, new: list):
+        """Put the sequences new in the place of old (a beam search's beams, after a step): new ones
+        run, old ones end."""
+        at = min((self.running.index(s) for s in old if s in self.running), default=len(self.running))
+        self.running[at:at] = new
+        for seq in new:
+            seq.status = Status.RUNNING
+        for seq in old:
+            self.remove(seq)
 
     def computed(self, seq: Sequence, n: int):
         """After the step: n more tokens of seq are in the cache."""

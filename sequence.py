@@ -25,6 +25,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: Optional[str] = None
         self.admitted_once = False
+        self.width = 1                        # batch rows it will take: num_beams for a beam search's prompt
         # A seed gives this request its own generator: its tokens do not depend on what else runs.
         self.generator = None
         if params.seed is not None:
