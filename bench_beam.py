@@ -46,10 +46,10 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def speed(model, tok, K: int, new: int, rounds: int) -> dict:
+def speed(model, tok, K: int, new: int, rounds: int, compile: bool) -> dict:
     prompt = tok.encode_chat([{"role": "user", "content": STORY}])
     model.setup_caches(K, -(-(len(prompt) + new) // 256) * 256)
-    greedy_steps, beam_steps = Steps(model, compile=True), BeamSteps(model, compile=True)
+    greedy_steps, beam_steps = Steps(model, compile=compile), BeamSteps(model, compile=compile)
     greedy_params = SamplingParams(max_tokens=new, ignore_eos=True)
     beam_params = BeamParams(num_beams=K, max_tokens=new)
     stats = {}
@@ -74,10 +74,10 @@ def speed(model, tok, K: int, new: int, rounds: int) -> dict:
             "weight_bytes_per_step": weight_bytes_per_token(model)}
 
 
-def pruning(model, tok, K: int, new: int) -> dict:
+def pruning(model, tok, K: int, new: int, compile: bool) -> dict:
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     model.setup_caches(K, -(-(max(map(len, prompts)) + new) // 256) * 256)
-    steps = BeamSteps(model, compile=True)
+    steps = BeamSteps(model, compile=compile)
     base = BeamParams(num_beams=K, max_tokens=new)
     beam_search(model, prompts[0], base, eos_ids=tok.eos_ids, steps=steps)  # compile
     configs = {"none": base, **{name: replace(base, **option) for name, option in PRUNING.items()}}
@@ -108,6 +108,7 @@ def main(argv=None):
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the speed comparison")
+    p.add_argument("--no-compile", action="store_true", help="eager steps (for a quick check, not for figures)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if a.num_beams < 1 or a.rounds < 1 or a.max_new_tokens < 2:
@@ -115,12 +116,12 @@ def main(argv=None):
     checkpoint = a.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device=pick_device("cpu"), dtype=getattr(torch, a.dtype))
     tok = load_tokenizer(checkpoint)
-    s = speed(model, tok, a.num_beams, a.max_new_tokens, a.rounds)
-    print(f"{a.num_beams} rows x {a.max_new_tokens} steps, {a.dtype}, compiled: greedy {s['greedy_tok_s']:.1f} tok/s, "
+    s = speed(model, tok, a.num_beams, a.max_new_tokens, a.rounds, not a.no_compile)
+    print(f"{a.num_beams} rows x {a.max_new_tokens} steps, {a.dtype}, {'eager' if a.no_compile else 'compiled'}: greedy {s['greedy_tok_s']:.1f} tok/s, "
           f"beam search {s['beam_tok_s']:.1f} tok/s ({s['beam_over_greedy']:.2f}x) | per step: reordering "
           f"{s['reorder_bytes_per_step'] / 1e6:.2f} MB ({s['reordered_rows_per_step']:.2f} rows), weights "
           f"{s['weight_bytes_per_step'] / 1e6:.1f} MB")
-    r = pruning(model, tok, a.num_beams, 48)
+    r = pruning(model, tok, a.num_beams, 48, not a.no_compile)
     print(f"pruning, {len(QUESTIONS)} chat prompts, {a.num_beams} beams, up to 48 tokens: none "
           f"{r['none']['steps']} steps, {r['none']['seconds']:.2f} s")
     for name in PRUNING:

@@ -45,3 +45,20 @@ def test_serving_benchmark_runs_every_mode(tmp_path_factory, tmp_path):
         assert row["output_tokens"] > 6 * 16 and row["output_tok_s"] > 0 and 0 <= row["ttft_p50_s"] <= row["ttft_p99_s"]
     assert len({row["output_tokens"] for row in rows.values()}) == 1  # the same requests in every mode
     assert 0.5 < rows["engine"]["kv_slot_share"] <= 1
+
+
+def test_beam_benchmark_runs(tmp_path_factory, tmp_path):
+    _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=6, max_position_embeddings=1024, vocab_size=257)
+    out = tmp_path / "beam.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_beam.py"), "--checkpoint", str(ckpt),
+                        "--dtype", "float32", "--no-compile", "--max-new-tokens", "8", "--rounds", "2",
+                        "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    speed = result["speed"]
+    assert speed["greedy_tok_s"] > 0 and speed["beam_tok_s"] > 0 and len(speed["rounds_s"]["beam"]) == 2
+    assert speed["weight_bytes_per_step"] > 0 and speed["reorder_bytes_per_step"] >= 0
+    assert set(result["pruning"]) == {"none", "rel 0.6", "abs 2.5", "local 0.02", "max-cand 3", "all four"}
+    for name, row in result["pruning"].items():
+        assert row["steps"] >= 16 and (name == "none" or row["steps"] <= result["pruning"]["none"]["steps"])
+    assert "beam search" in r.stdout and "best changed" in r.stdout

@@ -104,6 +104,7 @@ def test_every_command_reports_bad_input_in_one_line_with_exit_code_2(tmp_path_f
         ("quantize.py", ["--checkpoint", str(ckpt), "--mode", "int4-gptq", "--out", str(tmp_path / "q"),
                          "--calibration", str(tmp_path / "nope.txt")], "cannot read it as UTF-8"),
         ("bench.py", ["--checkpoint", str(ckpt), "--repeat", "0"], "--repeat must be >= 1"),
+        ("bench_beam.py", ["--checkpoint", str(ckpt), "--num-beams", "0"], "--num-beams and --rounds must be >= 1"),
     ]
     for script, args, message in cases:
         r = run(script, *args)
