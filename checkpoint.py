@@ -11,6 +11,7 @@ field, a truncated weights file) is a UsageError naming the file.
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -98,36 +99,55 @@ def build_on_meta(args: ModelArgs, quantization: Optional[dict] = None) -> Trans
     return model
 
 
-def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
-    """Load a converted checkpoint in eval mode; under torchrun, this rank's tensor-parallel share.
+def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32, layout: Optional[tp.Layout] = None) -> Transformer:
+    """Load a converted checkpoint in eval mode; under torchrun, this rank's share: its pipeline stage's
+    layers (layout, from tp.init(device, pp)) and its tensor-parallel slices of them. Without a layout,
+    a torchrun world is one tensor-parallel stage.
 
     The weights are memory-mapped and moved tensor by tensor into a model built on the meta device,
-    so no second full copy is made.
+    so no second full copy is made; a rank reads only the tensors of its layers.
     """
     from safetensors import SafetensorError, safe_open
     args, quantization = read_config(checkpoint_dir)
+    config_path = os.path.join(checkpoint_dir, "config.json")
     weights_path = os.path.join(checkpoint_dir, "model.safetensors")
-    sharded = tp.world_size() > 1
-    if sharded:
-        tp.init(torch.device(device))
-        try:
-            model = build_on_meta(tp.local_args(args, tp.world_size(), quantization), quantization)
-        except ValueError as e:
-            raise UsageError(f"{os.path.join(checkpoint_dir, 'config.json')}: {e}")
-    else:
-        model = build_on_meta(args, quantization)
+    if layout is None and tp.world_size() > 1:
+        layout = tp.init(torch.device(device))
+    layout = layout or tp.Layout()
+    if layout.pp > args.n_layers:
+        raise UsageError(f"{config_path}: cannot split {args.n_layers} layers into {layout.pp} pipeline stages")
+    try:
+        local = tp.local_args(args, layout.tp, quantization) if layout.tp > 1 else args
+    except ValueError as e:
+        raise UsageError(f"{config_path}: {e}")
+    layer_weights = (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+                     + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.intermediate_size)
+    layers = layout.stage_layers(args.n_layers, head_cost=args.vocab_size * args.dim / layer_weights)
+    model = build_on_meta(replace(local, n_layers=len(layers)), quantization)
+    if not layout.first:
+        model.tok_embeddings = None
+    if not layout.last:
+        model.norm = model.output = None
     tied = args.tie_embeddings and not quantization
-    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
+
+    def source(name: str) -> str:  # a tensor's name in the checkpoint
+        if name.startswith("layers."):
+            index, rest = name[len("layers."):].split(".", 1)
+            return f"layers.{layers[int(index)]}.{rest}"
+        return "tok_embeddings.weight" if tied and name == "output.weight" else name
+
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and layout.first and k == "output.weight")}
     state = {}
     try:
         with safe_open(weights_path, framework="pt") as f:
             present = set(f.keys())
             for name, meta in expected.items():
-                if name not in present:
-                    raise UsageError(f"{weights_path}: tensor {name} is missing")
-                t = tp.read_shard(f, name, args, quantization) if sharded else f.get_tensor(name)
+                stored = source(name)
+                if stored not in present:
+                    raise UsageError(f"{weights_path}: tensor {stored} is missing")
+                t = tp.read_shard(f, stored, args, layout, quantization) if layout.tp > 1 else f.get_tensor(stored)
                 if t.shape != meta.shape:
-                    raise UsageError(f"{weights_path}: tensor {name} has shape {tuple(t.shape)}, "
+                    raise UsageError(f"{weights_path}: tensor {stored} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(meta.shape)}")
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                 # A tensor still backed by the memory-mapped file can start at any byte; some CPU
@@ -138,12 +158,12 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32) -> Transf
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UsageError(f"{weights_path}: truncated or corrupt ({e})")
     model.load_state_dict(state, assign=True, strict=False)
-    if tied:
+    if tied and layout.first and layout.last:
         model.output.weight = model.tok_embeddings.weight
     if quantization:
         qlinear.prepare(model)
-    if sharded:
-        tp.add_all_reduces(model)
+    if layout.tp > 1:
+        tp.add_all_reduces(model, layout.tp_group)
     return model.eval().requires_grad_(False)
 
 
@@ -162,7 +182,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
         if id(t) in seen:  # a tied weight is one tensor under two names
             continue
         seen.add(id(t))
-        if name == "tok_embeddings.weight" and model.output.weight is not t:
+        if name == "tok_embeddings.weight" and getattr(model.output, "weight", None) is not t:
             total += t[0].numel() * t.element_size()
         else:
             total += t.numel() * t.element_size()

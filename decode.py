@@ -75,7 +75,7 @@ class Steps:
     changes."""
 
     def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False):
-        self.device = model.norm.weight.device
+        self.device = model.dtype_device()[1]
         self.prefill, self.decode = prefill, decode_step
         if compile:
             self.decode = self.compiled(decode_step)

@@ -5,9 +5,10 @@
     python generate.py --checkpoint DIR --prompt "a" --prompt "longer b" --temperature 0.8 --top-p 0.9
     python generate.py --interactive                               # multi-turn chat, KV cache kept
     python generate.py --prompt "The capital of France" --num-beams 4 --num-return-sequences 2 --json
+    torchrun --nproc_per_node=4 generate.py --pp 2 --prompt a --prompt b --prompt c --micro-batches 3
 
 The work is done by the library files below this one (checkpoint.py loads, decode.py decodes,
-speculative.py speculates, beam.py searches); this file turns flags into their options, prints, and reports speed.
+speculative.py speculates, beam.py searches, pp.py pipelines); this file turns flags into their options, prints, and reports speed.
 For Python, `load_model` and `generate` are importable from here too:
 
     from generate import load_model, generate, SamplingParams
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 
+import pp
 import tp
 from beam import BeamParams, BeamSteps, beam_search
 from checkpoint import (DTYPES, default_checkpoint, load_model, load_tokenizer, peak_memory_gb, pick_device,
@@ -55,6 +57,8 @@ class Options:
     draft_checkpoint: Optional[str] = None   # speculative decoding with this draft model
     speculate_k: int = 4                     # tokens proposed per speculative round
     beam: Optional[BeamParams] = None        # beam search instead of sampling (--num-beams)
+    pp: int = 1                              # pipeline stages (under torchrun); the rest is tensor-parallel
+    micro_batches: Optional[int] = None      # micro-batches of a pipeline; None: min(prompts, stages)
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -72,6 +76,19 @@ class Options:
                 raise UsageError(f"--speculate-k must be >= 1, not {self.speculate_k}")
             if self.interactive or len(self.prompts) > 1:
                 raise UsageError("speculative decoding takes one --prompt (no batch, no --interactive)")
+        if self.pp < 1:
+            raise UsageError(f"--pp must be >= 1, not {self.pp}")
+        if self.micro_batches is not None:
+            if self.pp == 1:
+                raise UsageError("--micro-batches needs --pp 2 or more")
+            if not 1 <= self.micro_batches <= len(self.prompts):
+                raise UsageError(f"--micro-batches must be in [1, {len(self.prompts)}] (the prompts), "
+                                 f"not {self.micro_batches}")
+        if self.pp > 1:
+            for bad, flag in ((self.interactive, "--interactive"), (self.speculative, "--draft"),
+                              (self.beam, "--num-beams"), (self.compile or self.compile_prefill, "--compile")):
+                if bad:
+                    raise UsageError(f"--pp does not combine with {flag}")
         if self.beam:
             s = self.sampling
             if not s.greedy or s.top_k is not None or s.top_p is not None:
@@ -113,6 +130,9 @@ def parse_args(argv) -> Options:
     p.add_argument("--draft-checkpoint", help="speculative decoding with this draft model (same tokenizer)")
     p.add_argument("--draft", choices=["ngram"], help="speculative decoding with prompt lookup, no draft model")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens proposed per speculative round")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages under torchrun (the rest of the world is "
+                                                     "tensor-parallel)")
+    p.add_argument("--micro-batches", type=int, help="micro-batches of the pipeline (default: min(prompts, --pp))")
     p.add_argument("--num-beams", type=int, help="beam search with this many beams per prompt")
     p.add_argument("--length-penalty", type=float, help="beam score = log-prob / length ** this (default 1)")
     p.add_argument("--early-stopping", choices=["true", "false", "never"],
@@ -135,7 +155,7 @@ def parse_args(argv) -> Options:
                    system=a.system, interactive=a.interactive, num_samples=a.num_samples, device=a.device,
                    dtype=a.dtype, max_seq_len=a.max_seq_len, compile=a.compile, compile_prefill=a.compile_prefill,
                    json=a.json, profile=a.profile, draft=a.draft, draft_checkpoint=a.draft_checkpoint,
-                   speculate_k=a.speculate_k)
+                   speculate_k=a.speculate_k, pp=a.pp, micro_batches=a.micro_batches)
 
 
 def beam_params(a) -> Optional[BeamParams]:
@@ -234,8 +254,14 @@ def load_draft(o: Options, model, device, dtype):
     return draft
 
 
-def token_steps(o: Options, model, prompts_ids, params: SamplingParams, eos_ids, steps, draft=None, stats=None):
-    """The token iterator of this run: speculative with --draft / --draft-checkpoint, else plain."""
+def token_steps(o: Options, model, prompts_ids, params: SamplingParams, eos_ids, steps, draft=None, stats=None,
+                layout=None):
+    """The token iterator of this run: pipelined with --pp, speculative with --draft / --draft-checkpoint,
+    else plain."""
+    if o.pp > 1:
+        M = o.micro_batches or min(len(prompts_ids), o.pp)
+        tokens = pp.generate(model, layout, prompts_ids, params, micro_batches=M, eos_ids=eos_ids, stats=stats)
+        return tokens if len(prompts_ids) > 1 else (step[0] for step in tokens)
     if o.speculative:
         return speculative_generate(model, prompts_ids[0], params, k=o.speculate_k, draft=draft,
                                     eos_ids=eos_ids, stats=stats, steps=steps)
@@ -280,9 +306,10 @@ def report(stats: dict):
           file=sys.stderr)
 
 
-def run_batch(o: Options, params: SamplingParams, model, tok, prompts_ids, steps, draft, info: dict) -> list:
+def run_batch(o: Options, params: SamplingParams, model, tok, prompts_ids, steps, draft, info: dict,
+              layout=None) -> list:
     """Generate one sample for every prompt; stream it when there is one prompt and no --json. info:
-    checkpoint, compile_s and bytes_per_token, for the records."""
+    checkpoint, compile_s and bytes_per_token, for the records. layout: this rank's place (torchrun)."""
     batch = len(prompts_ids) > 1
     streams = [TextStream(tok, params.stop) for _ in prompts_ids]
     counts = [0] * len(prompts_ids)
@@ -291,7 +318,7 @@ def run_batch(o: Options, params: SamplingParams, model, tok, prompts_ids, steps
     stats, ttft = {}, None
     synchronize(steps.device)
     t0 = time.perf_counter()
-    for step in token_steps(o, model, prompts_ids, params, tok.eos_ids, steps, draft, stats):
+    for step in token_steps(o, model, prompts_ids, params, tok.eos_ids, steps, draft, stats, layout):
         if ttft is None:
             ttft = time.perf_counter() - t0
         step = step if batch else [step]
@@ -324,7 +351,9 @@ def run_batch(o: Options, params: SamplingParams, model, tok, prompts_ids, steps
             "decode_tok_s": decode_tok_s,
             "bandwidth_gb_s": info["bytes_per_token"] * decode_tok_s / 1e9,
             "peak_memory_gb": peak_memory_gb(steps.device), "compile_s": info["compile_s"]})
-        if stats:
+        if "busy_share" in stats:  # each rank's share of the time it computed (pipeline)
+            records[-1]["pipeline_busy_share"] = stats["busy_share"]
+        elif stats:
             records[-1]["acceptance_rate"] = stats["accepted"] / max(stats["proposed"], 1)
             records[-1]["tokens_per_target_step"] = counts[i] / stats["target_steps"]
     for i, r in enumerate(records):
@@ -380,12 +409,18 @@ def main(argv=None):
     device = pick_device(o.device)
     dtype = pick_dtype(o.dtype, device)
     params = o.sampling
+    layout = None
     if tp.world_size() > 1:  # under torchrun: one process per rank, rank 0 speaks for all
-        tp.init(device)
+        try:
+            layout = tp.init(device, pp=o.pp)
+        except ValueError as e:
+            raise UsageError(str(e))
         params = replace(params, seed=tp.shared_seed(params.seed, device))
         if tp.rank() > 0:
             sys.stdout = sys.stderr = open(os.devnull, "w")
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    elif o.pp > 1:
+        raise UsageError(f"--pp {o.pp} runs under torchrun, with a multiple of {o.pp} processes")
+    model = load_model(checkpoint, device=device, dtype=dtype, layout=layout)
     tok = load_tokenizer(checkpoint)
     prompts_ids = encode_prompts(o, tok)
     model.setup_caches(max_batch_size=max(1, len(prompts_ids)) * (o.beam.num_beams if o.beam else 1),
@@ -414,7 +449,7 @@ def main(argv=None):
         with profiler:
             # A seed starts the first sample; the others continue from where it left the generator.
             run_batch(o, params if sample_index == 0 else replace(params, seed=None), model, tok, prompts_ids,
-                      steps, draft, info)
+                      steps, draft, info, layout)
         if profiling:
             profiler.export_chrome_trace(o.profile)
             print(f"profiler trace written to {o.profile}", file=sys.stderr)

@@ -18,6 +18,11 @@ RoPE is applied in the "rotate half" layout that Hugging Face checkpoints use: t
 head's dimensions are the real parts, the second half the imaginary parts. Checkpoints laid out with
 interleaved pairs (Meta's originals, GGUF, llama2.c) are permuted once at conversion time.
 
+A Transformer may also be one stage of a pipeline: a contiguous range of the layers, with the embedding
+only in the first stage (set tok_embeddings to None in the others) and the final norm and output head only
+in the last (norm and output None): a stage takes tokens or hidden states and returns hidden states or
+logits, and first_row places its batch in rows of the static cache, one range of rows per micro-batch.
+
 This file imports only torch and may be copied on its own.
 """
 import math
@@ -118,11 +123,13 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
-        """Write k, v [B, H_kv, S, D] at positions input_pos [S]; return the caches of the first B rows."""
+    def update(self, index, k: Tensor, v: Tensor):
+        """Write k, v [B, H_kv, S, D] at positions input_pos [S] of rows first_row .. first_row + B - 1
+        (index = (input_pos, first_row)); return the caches of those rows."""
         # index_copy_ writes in place without a host sync, so the step stays one static graph.
+        input_pos, first_row = index
         B = k.shape[0]
-        k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]
+        k_cache, v_cache = self.k_cache.narrow(0, first_row, B), self.v_cache.narrow(0, first_row, B)
         k_cache.index_copy_(2, input_pos, k)
         v_cache.index_copy_(2, input_pos, v)
         return k_cache, v_cache
@@ -158,8 +165,8 @@ class Attention(nn.Module):
         self.kv_cache = None  # a KVCache or a PagedKVCache
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index) -> Tensor:
-        """cache_index says where the new K/V go and what to attend to: input_pos [S] for a KVCache,
-        (write slots [B, S], read slots [B, L]) for a PagedKVCache."""
+        """cache_index says where the new K/V go and what to attend to: (input_pos [S], first row) for a
+        KVCache, (write slots [B, S], read slots [B, L]) for a PagedKVCache."""
         B, S, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -218,11 +225,14 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = self.max_seq_length = 0
 
+    def dtype_device(self):
+        """The activations' dtype and the device: a norm's (weights may be quantized integers)."""
+        norm = self.layers[0].attention_norm.weight
+        return norm.dtype, norm.device
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV caches and RoPE tables; call again to resize (the caches are cleared)."""
-        weight = self.output.weight
-        dtype = weight.dtype if weight.is_floating_point() else self.norm.weight.dtype
-        device = self.norm.weight.device
+        dtype, device = self.dtype_device()
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         # One slot more than can be used: the attended part of the cache is then never all of it, so a step
         # compiled with a symbolic attended length needs no second graph for "all of it" (a contiguous view).
@@ -234,9 +244,7 @@ class Transformer(nn.Module):
     def setup_paged_cache(self, num_blocks: int, block_size: int):
         """Allocate a paged KV cache of num_blocks blocks of block_size slots per layer (replacing any
         cache), and RoPE tables for the model's whole context."""
-        weight = self.output.weight
-        dtype = weight.dtype if weight.is_floating_point() else self.norm.weight.dtype
-        device = self.norm.weight.device
+        dtype, device = self.dtype_device()
         for layer in self.layers:
             layer.attention.kv_cache = PagedKVCache(num_blocks * block_size, self.args.n_kv_heads,
                                                     self.args.head_dim, dtype, device)
@@ -245,14 +253,16 @@ class Transformer(nn.Module):
 
     def setup_rope(self, length: int):
         angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(self.args))
-        device = self.norm.weight.device
+        device = self.dtype_device()[1]
         self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
         self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
-                kv_len: Optional[int] = None, last_only: bool = False) -> Tensor:
+                kv_len: Optional[int] = None, last_only: bool = False, first_row: int = 0) -> Tensor:
         """tokens [B, S] at cache positions input_pos [S] -> logits [B, S, vocab] ([B, 1, vocab] of the last
         position with last_only, all that sampling needs: the output head is the largest product).
+        A pipeline stage after the first takes hidden states [B, S, dim] for tokens; one before the last
+        returns hidden states [B, S, dim] (all positions). The batch uses cache rows from first_row on.
 
         left_pad [B] (optional) is the number of padding tokens at the start of each row: those cache
         slots are never attended to, and each row's RoPE positions start at 0 after its padding, so a
@@ -273,7 +283,9 @@ class Transformer(nn.Module):
             own = slots[None, None, :] == input_pos[None, :, None]
             mask = mask & ((slots[None, None, :] >= left_pad[:, None, None]) | own)
             positions = (positions - left_pad[:, None]).clamp(min=0)
-        x = self.layers_forward(tokens, positions, mask.unsqueeze(1), input_pos)
+        x = self.layers_forward(tokens, positions, mask.unsqueeze(1), (input_pos, first_row))
+        if self.output is None:
+            return x
         return self.output(self.norm(x[:, -1:] if last_only else x))
 
     def forward_paged(self, tokens: Tensor, positions: Tensor, write_slots: Tensor, read_slots: Tensor) -> Tensor:
@@ -291,10 +303,11 @@ class Transformer(nn.Module):
         return self.output(self.norm(x[:, -1]))
 
     def layers_forward(self, tokens, positions, mask, cache_index) -> Tensor:
-        """Embedding and every block: tokens [B, S] at positions [B, S], mask [B or 1, 1, S, L] -> [B, S, dim]."""
+        """Embedding and every block: tokens [B, S] (or hidden states [B, S, dim]) at positions [B, S], mask
+        [B or 1, 1, S, L] -> [B, S, dim]."""
         cos = self.rope_cos[positions].unsqueeze(2)
         sin = self.rope_sin[positions].unsqueeze(2)
-        x = self.tok_embeddings(tokens)
+        x = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_index)
         return x

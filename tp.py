@@ -11,11 +11,16 @@ use. Embedding, norms and output head are replicated. Collectives are the functi
 torch.compile traces into the graph. Backend: NCCL on CUDA (RCCL on ROCm), gloo on the CPU.
 
 Each rank reads only its own slices of the memory-mapped safetensors file, int8 / int4 scales included.
+
+With pipeline parallelism (pp.py) the world is a 2-D mesh ("pp", "tp"): pp stages of tp ranks each, and
+the tensor-parallel collectives run within a stage's group, which init() takes from the mesh.
 """
 import atexit
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,13 +34,59 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init(device: torch.device):
-    """Join the process group that torchrun describes in the environment (once)."""
-    if world_size() > 1 and not dist.is_initialized():
+# A rank that waits longer than this for a peer (a collective, a pipeline message) fails instead of hanging.
+TIMEOUT = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits in the mesh ("pp", "tp") of world = pp x tp ranks: its pipeline stage and
+    its rank among the stage's tensor-parallel ranks. The global rank is stage * tp + tp_rank."""
+    pp: int = 1
+    tp: int = 1
+    stage: int = 0
+    tp_rank: int = 0
+    tp_group: Optional[object] = None   # the process group of this stage's tensor-parallel ranks
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+    def rank_of(self, stage: int) -> int:
+        """The global rank of the process at this tensor-parallel rank in another stage."""
+        return stage * self.tp + self.tp_rank
+
+    def stage_layers(self, n_layers: int, head_cost: float = 0.0) -> range:
+        """The contiguous layers of this stage, balanced by cost: a layer costs 1, and the last stage's
+        output head head_cost more (the head of a small model weighs as much as several layers)."""
+        total, bounds = n_layers + head_cost, [0]
+        for s in range(1, self.pp):  # cut where the running cost reaches s / pp of the total
+            bounds.append(min(max(round(s * total / self.pp), bounds[-1] + 1), n_layers - (self.pp - s)))
+        bounds.append(n_layers)
+        return range(bounds[self.stage], bounds[self.stage + 1])
+
+
+def init(device: torch.device, pp: int = 1) -> Layout:
+    """Join the process group that torchrun describes in the environment (once) and place this process
+    in a mesh of pp pipeline stages; a ValueError when pp does not divide the world."""
+    world = world_size()
+    if pp < 1 or world % pp:
+        raise ValueError(f"{pp} pipeline stages do not divide the world of {world} rank(s)")
+    if world == 1:
+        return Layout()
+    if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         atexit.register(leave)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cuda" if device.type == "cuda" else "cpu", (pp, world // pp),
+                            mesh_dim_names=("pp", "tp"))
+    return Layout(pp, world // pp, mesh.get_local_rank("pp"), mesh.get_local_rank("tp"), mesh.get_group("tp"))
 
 
 def leave():
@@ -95,11 +146,12 @@ def shard_ranges(module: str, args, r: int, world: int):
     return None, None
 
 
-def read_shard(f, name: str, args, quantization=None) -> torch.Tensor:
+def read_shard(f, name: str, args, layout: Layout, quantization=None) -> torch.Tensor:
     """This rank's part of tensor `name` from an open safetensors file, reading nothing else."""
     parts = name.split(".")
     module, kind = ".".join(parts[2:-1]), parts[-1]
-    parallel, ranges = shard_ranges(module, args, rank(), world_size()) if parts[0] == "layers" else (None, None)
+    parallel, ranges = (shard_ranges(module, args, layout.tp_rank, layout.tp) if parts[0] == "layers"
+                        else (None, None))
     if parallel is None:
         return f.get_tensor(name)
     s = f.get_slice(name)
@@ -117,12 +169,12 @@ def read_shard(f, name: str, args, quantization=None) -> torch.Tensor:
     return torch.cat([s[a:b] if dim == 0 else s[:, a:b] for a, b in ranges], dim=dim)
 
 
-def add_all_reduces(model):
-    """Sum the partial outputs of each rank's attention and MLP slices."""
+def add_all_reduces(model, group):
+    """Sum the partial outputs of each rank's attention and MLP slices over the stage's group."""
     import torch.distributed._functional_collectives as funcol
 
     def all_reduce(module, inputs, output):
-        return funcol.all_reduce(output, "sum", dist.group.WORLD)
+        return funcol.all_reduce(output, "sum", group)
 
     for layer in model.layers:
         layer.attention.register_forward_hook(all_reduce)

@@ -12,7 +12,7 @@ from sampling import SamplingParams
 
 # The reading order: each file may import only files before it (which also rules out cycles).
 LAYERS = ["model", "tokenizer", "errors", "qlinear", "tp", "convert_checkpoint", "checkpoint",
-          "sampling", "decode", "speculative", "beam", "sequence", "block_manager", "scheduler", "engine",
+          "sampling", "decode", "speculative", "beam", "pp", "sequence", "block_manager", "scheduler", "engine",
           "quantize", "eval", "bench", "bench_beam", "bench_serving", "serve", "generate"]
 COMMAND_LINE = "generate"
 
