@@ -99,13 +99,64 @@ def build_on_meta(args: ModelArgs, quantization: Optional[dict] = None) -> Trans
     return model
 
 
+class WeightsFile:
+    """A safetensors file read tensor by tensor into memory of our own, rather than memory-mapped.
+
+    A tensor memory-mapped from the file can start at any byte, and some CPU kernels (int8 weight-only
+    matmul) need their weights aligned, so each would be copied; and the mapped pages of everything read
+    stay resident while any tensor still points into the mapping. A resident load then peaked at about
+    twice the weights. Read into fresh (aligned) tensors, the file passes through the page cache, which
+    the kernel may drop, and a load peaks at the weights plus one tensor."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: str):
+        self.file = open(path, "rb")
+        size = os.fstat(self.file.fileno()).st_size
+        n = int.from_bytes(self.file.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError("the header runs past the end of the file")
+        self.entries = json.loads(self.file.read(n))
+        self.entries.pop("__metadata__", None)
+        self.base = 8 + n
+        for name, e in self.entries.items():
+            dtype, (start, end) = self.DTYPES.get(e["dtype"]), e["data_offsets"]
+            if dtype is None:
+                raise ValueError(f"tensor {name} has an unknown dtype {e['dtype']}")
+            numel = 1
+            for d in e["shape"]:
+                numel *= d
+            if not 0 <= start <= end <= size - self.base or end - start != numel * dtype.itemsize:
+                raise ValueError(f"tensor {name} runs past the end of the file or does not match its shape")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        t = torch.empty(e["shape"], dtype=self.DTYPES[e["dtype"]])
+        if t.numel():
+            self.file.seek(self.base + e["data_offsets"][0])
+            self.file.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return t
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
 def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32, layout: Optional[tp.Layout] = None) -> Transformer:
     """Load a converted checkpoint in eval mode; under torchrun, this rank's share: its pipeline stage's
     layers (layout, from tp.init(device, pp)) and its tensor-parallel slices of them. Without a layout,
     a torchrun world is one tensor-parallel stage.
 
-    The weights are memory-mapped and moved tensor by tensor into a model built on the meta device,
-    so no second full copy is made; a rank reads only the tensors of its layers.
+    The weights are read tensor by tensor into a model built on the meta device, so no second full copy
+    is made (WeightsFile); a rank reads only the tensors of its layers, and a tensor-parallel rank only
+    its slices of them, from the memory-mapped file.
     """
     from safetensors import SafetensorError, safe_open
     args, quantization = read_config(checkpoint_dir)
@@ -139,7 +190,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32, layout: O
     expected = {k: v for k, v in model.state_dict().items() if not (tied and layout.first and k == "output.weight")}
     state = {}
     try:
-        with safe_open(weights_path, framework="pt") as f:
+        with safe_open(weights_path, framework="pt") if layout.tp > 1 else WeightsFile(weights_path) as f:
             present = set(f.keys())
             for name, meta in expected.items():
                 stored = source(name)
@@ -150,12 +201,12 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32, layout: O
                     raise UsageError(f"{weights_path}: tensor {stored} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(meta.shape)}")
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                # A tensor still backed by the memory-mapped file can start at any byte; some CPU
+                # A slice of the memory-mapped file (tensor parallelism) can start at any byte; some CPU
                 # kernels (int8 weight-only matmul) use aligned vector loads and crash on it.
                 state[name] = t.clone() if t.data_ptr() % 64 else t
     except FileNotFoundError:
         raise UsageError(f"{weights_path}: missing")
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{weights_path}: truncated or corrupt ({e})")
     model.load_state_dict(state, assign=True, strict=False)
     if tied and layout.first and layout.last:

@@ -320,3 +320,37 @@ def test_bf16_output_is_half_the_size(tmp_path):
     ratio = os.path.getsize(tmp_path / "bf16" / "model.safetensors") / os.path.getsize(tmp_path / "f32" / "model.safetensors")
     assert 0.49 < ratio < 0.52
     assert load_model(str(tmp_path / "bf16"), dtype=torch.bfloat16).norm.weight.dtype == torch.bfloat16
+
+
+LOAD_PEAK = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+from checkpoint import load_model
+
+def mib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+
+torch.empty(1).clone()
+before = mib("VmRSS:")
+model = load_model({ckpt!r})
+weights = sum(t.numel() * t.element_size() for t in model.layers.state_dict().values()) / 2 ** 20
+print(weights, mib("VmHWM:") - before)
+'''
+
+
+def test_a_resident_load_peaks_at_the_weights_not_twice_them(tmp_path):
+    """Resident memory (anonymous plus file-backed) of a load: the weights plus a constant, where reading
+    through a memory map peaked at twice the weights."""
+    from bench import write_random_checkpoint
+    from model import ModelArgs
+    args = ModelArgs(dim=512, n_layers=12, n_heads=8, n_kv_heads=2, head_dim=64, intermediate_size=2048,
+                     vocab_size=1024, norm_eps=1e-5, rope_base=10000.0, max_seq_len=256, tie_embeddings=True,
+                     attention_bias=False)
+    write_random_checkpoint(args, str(tmp_path), dtype=torch.float32)
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_PEAK.format(root=ROOT, ckpt=str(tmp_path)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    weights, peak = map(float, r.stdout.split())
+    # measured: the weights plus about 70 MiB, for 120 MiB of weights and for 2.4 GB alike
+    assert weights > 170 and peak < weights + 100, (weights, peak)
