@@ -246,7 +246,7 @@ def reorder_cache(model: Transformer, src: list, filled: int) -> int:
     rows = [i for i, s in enumerate(src) if s != i]
     if not rows:
         return 0
-    device = model.norm.weight.device
+    device = model.dtype_device()[1]
     dst_t = torch.tensor(rows, device=device)
     src_t = torch.tensor([src[i] for i in rows], device=device)
     moved = 0
@@ -279,7 +279,7 @@ def beam_search(model: Transformer, prompt_tokens, params: BeamParams = BeamPara
         raise UsageError(f"the KV cache (batch {model.max_batch_size}, {model.max_seq_length} positions) is too "
                          f"small for {B} prompt(s) x {K} beams of up to {T} tokens plus {max_new} new tokens")
     steps = steps or BeamSteps(model)
-    device = model.norm.weight.device
+    device = model.dtype_device()[1]
     left_pad = None
     if any(len(r) != T for r in rows):
         left_pad = torch.tensor([T - len(r) for r in rows], device=device)
