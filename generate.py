@@ -86,7 +86,7 @@ class Options:
                                  f"not {self.micro_batches}")
         if self.pp > 1:
             for bad, flag in ((self.interactive, "--interactive"), (self.speculative, "--draft"),
-                              (self.beam, "--num-beams"), (self.compile or self.compile_prefill, "--compile")):
+                              (self.beam, "--num-beams"), (self.compile_prefill, "--compile-prefill")):
                 if bad:
                     raise UsageError(f"--pp does not combine with {flag}")
         if self.beam:
@@ -260,7 +260,8 @@ def token_steps(o: Options, model, prompts_ids, params: SamplingParams, eos_ids,
     else plain."""
     if o.pp > 1:
         M = o.micro_batches or min(len(prompts_ids), o.pp)
-        tokens = pp.generate(model, layout, prompts_ids, params, micro_batches=M, eos_ids=eos_ids, stats=stats)
+        tokens = pp.generate(model, layout, prompts_ids, params, micro_batches=M, eos_ids=eos_ids, stats=stats,
+                             steps=steps)
         return tokens if len(prompts_ids) > 1 else (step[0] for step in tokens)
     if o.speculative:
         return speculative_generate(model, prompts_ids[0], params, k=o.speculate_k, draft=draft,
@@ -269,7 +270,7 @@ def token_steps(o: Options, model, prompts_ids, params: SamplingParams, eos_ids,
                     steps=steps)
 
 
-def warm_up(o: Options, model, tok, prompts_ids, steps, draft) -> float:
+def warm_up(o: Options, model, tok, prompts_ids, steps, draft, layout=None) -> float:
     """Run the compiled steps once with the run's shapes, so that the timed run measures decoding, not
     compiling; returns the seconds it took."""
     t0 = time.perf_counter()
@@ -279,7 +280,7 @@ def warm_up(o: Options, model, tok, prompts_ids, steps, draft) -> float:
         synchronize(steps.device)
         return time.perf_counter() - t0
     params = replace(o.sampling, max_tokens=min(3 + o.speculate_k, max(o.sampling.max_tokens, 1)), ignore_eos=True)
-    for _ in token_steps(o, model, prompts, params, (), steps, draft):
+    for _ in token_steps(o, model, prompts, params, (), steps, draft, layout=layout):
         pass
     synchronize(steps.device)
     return time.perf_counter() - t0
@@ -429,11 +430,13 @@ def main(argv=None):
     if o.speculative:
         pack_target(model)
         steps = SpeculativeSteps(model, compile=o.compile or o.compile_prefill)
+    elif o.pp > 1:
+        steps = pp.PipelineSteps(model, compile=o.compile)
     elif o.beam:
         steps = BeamSteps(model, compile=o.compile or o.compile_prefill, compile_prefill=o.compile_prefill)
     else:
         steps = Steps(model, compile=o.compile or o.compile_prefill, compile_prefill=o.compile_prefill)
-    compile_s = warm_up(o, model, tok, prompts_ids, steps, draft) if o.compile or o.compile_prefill else 0.0
+    compile_s = warm_up(o, model, tok, prompts_ids, steps, draft, layout) if o.compile or o.compile_prefill else 0.0
 
     if o.interactive:
         return interactive(o, params, model, tok, steps)

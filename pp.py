@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from decode import attended_length
+from decode import DynamicInt, Steps, attended_length
 from errors import UsageError
 from sampling import SamplingParams, sample
 from tp import Layout
@@ -80,6 +80,24 @@ class Links:
         self.sending = []
 
 
+def stage_step(model, x, input_pos, left_pad, kv_len, first_row, temperature, top_k, top_p):
+    """One step of a micro-batch through this stage: tokens [b, S] (first stage) or hidden states
+    [b, S, dim] in; hidden states [b, S, dim] out, or, on the last stage, the next token per row [b]."""
+    out = model(x, input_pos, left_pad, kv_len, last_only=True, first_row=first_row)
+    return out if model.output is None else sample(out[:, -1], temperature, top_k, top_p)
+
+
+class PipelineSteps(Steps):
+    """A stage's steps: prefill eager (each prompt length its own shape), decode compiled or not. The
+    micro-batch's first cache row is a symbolic size, so micro-batches share a graph per row count."""
+
+    def __init__(self, model, compile: bool = False):
+        super().__init__(model)
+        self.prefill = self.decode = stage_step
+        if compile:
+            self.decode = self.compiled(stage_step)
+
+
 def check(model, layout: Layout, batch: int, micro_batches: int):
     if not 1 <= micro_batches <= batch:
         raise UsageError(f"micro_batches must be in [1, {batch}] for a batch of {batch}, not {micro_batches}")
@@ -113,12 +131,14 @@ def forward(model, layout: Layout, prompt_tokens: list, micro_batches: int = 1) 
 
 
 def generate(model, layout: Layout, prompt_tokens: list, params: SamplingParams = SamplingParams(), *,
-             micro_batches: int = 1, eos_ids=(), stats: Optional[dict] = None) -> Iterator:
+             micro_batches: int = 1, eos_ids=(), stats: Optional[dict] = None,
+             steps: Optional[PipelineSteps] = None) -> Iterator:
     """Every rank of the pipeline calls this with the same arguments. On the first stage it yields, at
     each step, a list with one new id per row (None for a row that has ended), as decode.generate does
     for a batch; on the other stages it yields nothing and returns when the generation is over. The first
     stage's caller may stop reading at any step: the other stages are then told to stop.
-    stats, when given, receives on every rank each rank's share of time spent computing (busy_share)."""
+    stats, when given, receives on every rank each rank's share of time spent computing (busy_share).
+    steps: this stage's PipelineSteps (eager ones when None)."""
     if layout.pp < 2:
         raise UsageError("pp.generate needs a pipeline of two stages or more (decode.generate runs one)")
     rows = [list(p) for p in prompt_tokens]
@@ -138,7 +158,7 @@ def generate(model, layout: Layout, prompt_tokens: list, params: SamplingParams 
     rows = [[0] * p + r for p, r in zip(pad, rows)]
     pads = [None if left_pad is None else left_pad[p.start:p.stop] for p in parts]
     eos_ids = () if params.ignore_eos else set(eos_ids)
-    links = Links(layout, device)
+    links, steps = Links(layout, device), steps or PipelineSteps(model)
     if layout.last and params.seed is not None:
         torch.manual_seed(params.seed)
     busy, started = 0.0, time.perf_counter()
@@ -148,11 +168,10 @@ def generate(model, layout: Layout, prompt_tokens: list, params: SamplingParams 
         nonlocal busy
         t0 = time.perf_counter()
         pos = torch.arange(T, device=device) if t == 0 else torch.tensor([T + t - 1], device=device)
+        step = steps.prefill if t == 0 else steps.decode
         with torch.inference_mode():
-            out = model(x, pos, pads[m], attended_length(model, T + t), last_only=layout.last,
-                        first_row=parts[m].start)
-            if layout.last:
-                out = sample(out[:, -1], params.temperature, params.top_k, params.top_p)
+            out = step(model, x, pos, pads[m], attended_length(model, T + t), DynamicInt(parts[m].start),
+                       params.temperature, params.top_k, params.top_p)
         busy += time.perf_counter() - t0
         return out
 

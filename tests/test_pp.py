@@ -19,6 +19,7 @@ from sampling import SamplingParams
 
 WORKER = '''
 import json, sys, torch
+from contextlib import nullcontext
 sys.path.insert(0, {root!r})
 import pp, tp
 from checkpoint import load_model
@@ -34,12 +35,16 @@ result = {{"rank": tp.rank(), "stage": layout.stage, "layers_bytes": sum(
     t.numel() * t.element_size() for t in model.layers.state_dict().values()), "rss_growth_mb": rss_mb() - before}}
 prompts = {prompts!r}
 model.setup_caches(len(prompts), 64)
+steps = pp.PipelineSteps(model, compile={compile!r})
 for M in {micro_batches!r}:
     logits = pp.forward(model, layout, prompts, micro_batches=M)
     if logits is not None and layout.tp_rank == 0:
         torch.save(logits, f"{out}/logits-{{M}}.pt")
-    tokens = list(pp.generate(model, layout, prompts, SamplingParams(max_tokens=20), micro_batches=M,
-                              eos_ids={eos!r}))
+    if {compile!r}:  # compile this M's micro-batch shapes; then nothing may recompile
+        list(pp.generate(model, layout, prompts, SamplingParams(max_tokens=3), micro_batches=M, steps=steps))
+    with torch.compiler.set_stance("fail_on_recompile") if {compile!r} else nullcontext():
+        tokens = list(pp.generate(model, layout, prompts, SamplingParams(max_tokens=20), micro_batches=M,
+                                  eos_ids={eos!r}, steps=steps))
     if layout.first:
         result[f"tokens-{{M}}"] = tokens
 json.dump(result, open(f"{out}/rank-{{tp.rank()}}.json", "w"))
@@ -52,11 +57,11 @@ def torchrun(n, *args):
                            *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-def run_worker(tmp_path, world, pp, ckpt, prompts, micro_batches=(1,), eos=()):
+def run_worker(tmp_path, world, pp, ckpt, prompts, micro_batches=(1,), eos=(), compile=False):
     out = tmp_path / f"out-{world}-{pp}"
     out.mkdir()
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=ROOT, pp=pp, ckpt=str(ckpt), prompts=prompts,
+    script.write_text(WORKER.format(root=ROOT, pp=pp, ckpt=str(ckpt), prompts=prompts, compile=compile,
                                     micro_batches=tuple(micro_batches), eos=tuple(eos), out=str(out)))
     r = torchrun(world, script)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -81,9 +86,10 @@ def tiny(tmp_path_factory):
     return ckpt
 
 
-@pytest.mark.parametrize("world,mode", [(2, None), (4, None), (2, "int8"), (4, "int8")])
-def test_pipeline_gives_the_logits_and_tokens_of_one_process(tiny, tmp_path, world, mode, one_thread):
-    """pp 2 and pp 2 x tp 2, float32 and int8. int8 split over tensor-parallel ranks rounds each rank's
+@pytest.mark.parametrize("world,mode,compile", [(2, None, True), (4, None, False), (2, "int8", False),
+                                                (4, "int8", False)])
+def test_pipeline_gives_the_logits_and_tokens_of_one_process(tiny, tmp_path, world, mode, compile, one_thread):
+    """pp 2 (its decode steps compiled, recompiling for nothing once warm) and pp 2 x tp 2, float32 and int8. int8 split over tensor-parallel ranks rounds each rank's
     partial sums to bfloat16 (qlinear.KERNEL_DTYPE), as tp.py's tests say: its logits are held to 5e-3
     and its tokens, which that rounding can flip at near-ties, are not compared."""
     ckpt = str(tiny) + ("-" + mode if mode else "")
@@ -94,7 +100,7 @@ def test_pipeline_gives_the_logits_and_tokens_of_one_process(tiny, tmp_path, wor
     plain = list(generate(single, prompts, SamplingParams(max_tokens=20)))
     eos = plain[5][1]  # a token the second prompt emits: its row ends there, the others go on
     expected = list(generate(single, prompts, SamplingParams(max_tokens=20), eos_ids=(eos,)))
-    out, ranks = run_worker(tmp_path, world, 2, ckpt, prompts, (1, 2, 3), (eos,))
+    out, ranks = run_worker(tmp_path, world, 2, ckpt, prompts, (1, 2, 3), (eos,), compile)
     rounded = mode is not None and world > 2
     tolerance = 5e-3 if rounded else 1e-5
     T = max(map(len, prompts))
