@@ -7,7 +7,8 @@ stages that torchrun starts, combinable with tensor parallelism inside each stag
     layout = tp.init(device, pp=2)                      # the mesh ("pp", "tp") and this rank's place in it
     model = load_model(DIR, layout=layout)             # this stage's layers only (and its slices of them)
     model.setup_caches(max_batch_size=len(prompts), max_seq_length=256)
-    for tokens in pp.generate(model, layout, prompts, params, micro_batches=2, eos_ids=tok.eos_ids):
+    steps = pp.PipelineSteps(model, compile=True)     # this stage's decode step, compiled
+    for tokens in pp.generate(model, layout, prompts, params, micro_batches=2, eos_ids=tok.eos_ids, steps=steps):
         ...                                             # on the first stage: one id per row per step
 
 The batch is cut into M micro-batches, each with its own rows of every stage's KV cache. Stage r runs
@@ -51,7 +52,7 @@ class Links:
     tensor is kept until its send completes."""
 
     def __init__(self, layout: Layout, device):
-        self.layout, self.device, self.sending = layout, device, []
+        self.device, self.sending = device, []
         self.next = layout.rank_of(layout.stage + 1) if not layout.last else None
         self.prev = layout.rank_of(layout.stage - 1) if not layout.first else None
         self.first, self.last = layout.rank_of(0), layout.rank_of(layout.pp - 1)
