@@ -21,8 +21,11 @@ that share blocks: after each step every new beam forks its parent's block table
 copy), and only a partly filled block that two beams would write is copied. It reports once, at the end,
 with its best hypotheses; the search itself is beam.py's, so it chooses what beam_search chooses.
 
-Under torchrun the model is tensor-parallel (checkpoint.load_model) and every rank must step the same
-batch. Rank 0 is the engine's front: its add_request and abort calls are broadcast at the start of the
+Under torchrun the model is tensor-parallel (checkpoint.load_model), or split into pipeline stages
+(pp.py's layout, passed as layout=): each forward of a step then goes through the stages in turn, hidden
+states sent from stage to stage, and the last stage's sampled tokens are broadcast to every rank. One
+batch is in the pipeline at a time, so each stage waits while the others work (no micro-batches across
+steps yet), and beam search does not run pipelined. Every rank must step the same batch. Rank 0 is the engine's front: its add_request and abort calls are broadcast at the start of the
 next step, and every rank carries them out there, so all schedulers make the same plans. On the other
 ranks add_request and abort only check their arguments and hand out the same ids.
 """
@@ -33,6 +36,7 @@ from typing import Optional
 
 import torch
 
+import pp
 import tp
 from beam import BeamParams, BeamState
 from block_manager import BlockManager
@@ -81,31 +85,36 @@ class BeamGroup:
 
 
 def paged_logits(model, tokens, positions, write_slots, read_slots):
-    return model.forward_paged(tokens, positions, write_slots, read_slots).float()
+    """Logits of each row's last token [B, vocab]; hidden states [B, S, dim] on a pipeline stage before the last."""
+    out = model.forward_paged(tokens, positions, write_slots, read_slots)
+    return out if model.output is None else out.float()
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, *, max_num_seqs: int = 32,
                  kv_cache_tokens: Optional[int] = 16384, kv_cache_gb: Optional[float] = None,
-                 block_size: int = 16, max_num_batched_tokens: int = 256, compile: bool = False):
+                 block_size: int = 16, max_num_batched_tokens: int = 256, compile: bool = False,
+                 layout: Optional[tp.Layout] = None):
         """model: loaded (checkpoint.load_model); its cache is replaced by a paged one. tokenizer: for
         end tokens, stop strings and text (optional: without it, requests stop at max_tokens only).
         kv_cache_gb, when given, sizes the pool by memory instead of kv_cache_tokens.
-        max_num_batched_tokens: the per-step token budget (decodes take one each, prompts the rest)."""
+        max_num_batched_tokens: the per-step token budget (decodes take one each, prompts the rest).
+        layout: this rank's place in a pipeline (tp.init(device, pp)), the model being its stage."""
         args = model.args
         if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
             raise UsageError("max_num_seqs must be >= 1 and max_num_batched_tokens >= max_num_seqs")
         if block_size not in (8, 16, 32, 64, 128):
             raise UsageError(f"block_size must be 8, 16, 32, 64 or 128, not {block_size}")
-        dtype = model.norm.weight.dtype
+        dtype, self.device = model.dtype_device()
         if kv_cache_gb is not None:
-            per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
+            per_token = 2 * len(model.layers) * args.n_kv_heads * args.head_dim * dtype.itemsize
             kv_cache_tokens = int(kv_cache_gb * 1e9 / per_token)
         num_blocks = (kv_cache_tokens or 0) // block_size
         if num_blocks < 1:
             raise UsageError(f"a KV cache of {kv_cache_tokens} tokens holds no block of {block_size}")
         self.model, self.tokenizer = model, tokenizer
-        self.device = model.norm.weight.device
+        self.layout = layout if layout is not None and layout.pp > 1 else None
+        self.links = pp.Links(layout, self.device) if self.layout else None
         self.block_size, self.num_blocks = block_size, num_blocks
         model.setup_paged_cache(num_blocks + 1, block_size)  # the extra block: scratch for padding rows
         self.scratch_block = num_blocks
@@ -124,9 +133,9 @@ class Engine:
         self.stopped = False  # set on every rank by rank 0's stop()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str, device="cpu", dtype=torch.float32, **kwargs) -> "Engine":
-        model = load_model(checkpoint_dir, device=device, dtype=dtype)
-        return cls(model, load_tokenizer(checkpoint_dir), **kwargs)
+    def from_checkpoint(cls, checkpoint_dir: str, device="cpu", dtype=torch.float32, layout=None, **kwargs) -> "Engine":
+        model = load_model(checkpoint_dir, device=device, dtype=dtype, layout=layout)
+        return cls(model, load_tokenizer(checkpoint_dir), layout=layout, **kwargs)
 
     # -----------------------------------------------------------------------------------------------------
     # Requests
@@ -138,6 +147,8 @@ class Engine:
         if not isinstance(params, (SamplingParams, BeamParams)):
             raise UsageError("params must be a SamplingParams or a BeamParams")
         beams = params.num_beams if isinstance(params, BeamParams) else 1
+        if beams > 1 and self.layout:
+            raise UsageError("beam search does not run in a pipelined engine", "num_beams")
         prompt = list(prompt_token_ids)
         vocab = self.model.args.vocab_size
         if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
@@ -256,6 +267,9 @@ class Engine:
                 sampled += decodes
             if not sampled:
                 return outputs
+            if self.layout and not self.layout.last:  # the last stage samples; its tokens come below
+                tokens = self._last_stage_tokens(None, len(sampled))
+                return outputs + [self._append(seq, token) for seq, token in zip(sampled, tokens)]
             logits = torch.cat(rows)
             beam_rows = [i for i, s in enumerate(sampled) if s.request_id in self.groups]
             if beam_rows:  # beams go to their searches, the rest are sampled
@@ -269,9 +283,31 @@ class Engine:
                 if eos and seq.num_generated < seq.params.min_tokens and not seq.params.ignore_eos:
                     logits[i, eos] = float("-inf")
             tokens = sample_rows(logits, [s.params for s in sampled], [s.generator for s in sampled])
+            if self.layout:
+                tokens = self._last_stage_tokens(tokens, len(sampled))
         for seq, token in zip(sampled, tokens):
             outputs.append(self._append(seq, token))
         return outputs
+
+    def _forward(self, fn, tokens, positions, write, read):
+        """One forward through this rank's model: logits [B, vocab]; in a pipeline, the previous stage's
+        hidden states in for the tokens, and on a stage before the last, its own sent on (returns None)."""
+        if self.layout and not self.layout.first:
+            tokens = self.links.recv((*tokens.shape, self.model.args.dim), self.model.dtype_device()[0],
+                                     self.links.prev)
+        out = fn(self.model, tokens, positions, write, read)
+        if self.layout and not self.layout.last:
+            self.links.send(out, self.links.next)
+            return None
+        return out
+
+    def _last_stage_tokens(self, tokens, n: int) -> list:
+        """The last stage's sampled tokens, on every rank of the pipeline."""
+        import torch.distributed as dist
+        shared = torch.tensor(tokens if tokens is not None else [0] * n, dtype=torch.long)
+        dist.broadcast(shared, src=(self.layout.pp - 1) * self.layout.tp)
+        self.links.finish()
+        return shared.tolist()
 
     def _beam_step(self, seqs: list, logits: torch.Tensor) -> list:
         """Beams whose next-token logits are in: each group whose beams all have theirs chooses its next
@@ -339,7 +375,7 @@ class Engine:
         positions = torch.arange(c, c + n, device=dev)[None]
         write = torch.tensor([self._slots(seq, c, c + n)], device=dev)
         read = torch.tensor([self._slots(seq, 0, c + n)], device=dev)
-        return paged_logits(self.model, tokens, positions, write, read)
+        return self._forward(paged_logits, tokens, positions, write, read)
 
     def _decode(self, seqs: list) -> torch.Tensor:
         """One token for each sequence, as one batch padded to a bucket size -> logits [len(seqs), vocab]."""
@@ -360,7 +396,8 @@ class Engine:
                              + [[self.scratch_block * bs]] * pad, device=dev)
         if self.compiled:
             torch._dynamo.mark_dynamic(read, 1)  # one graph per batch size, whatever the length
-        return self.decode_fn(self.model, tokens, positions, write, read)[:len(seqs)]
+        out = self._forward(self.decode_fn, tokens, positions, write, read)
+        return None if out is None else out[:len(seqs)]
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         seq.tokens.append(token)
@@ -420,8 +457,9 @@ class Engine:
                 read = scratch.expand(B, KV_BLOCK).contiguous()
                 if self.compiled:
                     torch._dynamo.mark_dynamic(read, 1)
-                self.decode_fn(self.model, torch.zeros(B, 1, dtype=torch.long, device=dev),
-                               torch.zeros(B, 1, dtype=torch.long, device=dev), scratch, read)
+                x = (torch.zeros(B, 1, dtype=torch.long, device=dev) if self.layout is None or self.layout.first
+                     else torch.zeros(B, 1, self.model.args.dim, dtype=self.model.dtype_device()[0], device=dev))
+                self.decode_fn(self.model, x, torch.zeros(B, 1, dtype=torch.long, device=dev), scratch, read)
 
     def stats(self) -> dict:
         """Counts now, and since the engine started. kv_slot_utilization: the share of the slots of the

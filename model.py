@@ -300,6 +300,8 @@ class Transformer(nn.Module):
         L = read_slots.shape[1]
         mask = torch.arange(L, device=tokens.device)[None, None, :] <= positions[:, :, None]  # [B, S, L]
         x = self.layers_forward(tokens, positions, mask.unsqueeze(1), (write_slots, read_slots))
+        if self.output is None:  # a pipeline stage before the last: hidden states [B, S, dim]
+            return x
         return self.output(self.norm(x[:, -1]))
 
     def layers_forward(self, tokens, positions, mask, cache_index) -> Tensor:

@@ -65,12 +65,13 @@ class ServerOptions:
     max_waiting: int = 256                   # requests queued beyond this are refused (429)
     api_key: Optional[str] = None            # every /v1 request must then carry it as a bearer token
     model_name: Optional[str] = None         # the name clients use; default: the checkpoint's folder name
+    pp: int = 1                              # pipeline stages under torchrun; the rest is tensor-parallel
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise UsageError(f"--port must be in [0, 65535], not {self.port}")
-        if self.max_waiting < 1 or self.max_num_seqs < 1:
-            raise UsageError("--max-waiting and --max-num-seqs must be >= 1")
+        if self.max_waiting < 1 or self.max_num_seqs < 1 or self.pp < 1:
+            raise UsageError("--max-waiting, --max-num-seqs and --pp must be >= 1")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
 
@@ -442,11 +443,12 @@ def parse_args(argv) -> ServerOptions:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
     p.add_argument("--api-key", default=os.environ.get("NIMBLELM_API_KEY"), help="require this bearer token")
     p.add_argument("--served-model-name", default=None, help="the model's name for clients")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages under torchrun (the rest is tensor-parallel)")
     a = p.parse_args(argv)
     return ServerOptions(checkpoint=a.checkpoint, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
                          compile=a.compile, max_num_seqs=a.max_num_seqs, kv_cache_tokens=a.kv_cache_tokens,
                          kv_cache_gb=a.kv_cache_gb, max_waiting=a.max_waiting, api_key=a.api_key,
-                         model_name=a.served_model_name)
+                         model_name=a.served_model_name, pp=a.pp)
 
 
 def main(argv=None):
@@ -456,12 +458,18 @@ def main(argv=None):
     checkpoint = o.checkpoint or default_checkpoint()
     device = pick_device(o.device)
     dtype = pick_dtype(o.dtype, device)
+    layout = None
     if tp.world_size() > 1:
-        tp.init(device)
-    model = load_model(checkpoint, device=device, dtype=dtype)
+        try:
+            layout = tp.init(device, pp=o.pp)
+        except ValueError as e:
+            raise UsageError(str(e))
+    elif o.pp > 1:
+        raise UsageError(f"--pp {o.pp} runs under torchrun, with a multiple of {o.pp} processes")
+    model = load_model(checkpoint, device=device, dtype=dtype, layout=layout)
     tokenizer = load_tokenizer(checkpoint)
     engine = Engine(model, tokenizer, max_num_seqs=o.max_num_seqs, kv_cache_tokens=o.kv_cache_tokens,
-                    kv_cache_gb=o.kv_cache_gb, compile=o.compile)
+                    kv_cache_gb=o.kv_cache_gb, compile=o.compile, layout=layout)
     engine.warm_up()
     if tp.rank() > 0:  # the other ranks step with rank 0 until it stops
         while not engine.stopped:

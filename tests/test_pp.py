@@ -181,3 +181,19 @@ def test_impossible_pipelines_are_refused_before_loading(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip() == "error: --pp 2 runs under torchrun, with a multiple of 2 processes"
     assert tp.Layout(pp=2, stage=1).stage_layers(3) == range(2, 3)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_engine_in_two_stages_gives_one_process_tokens(tiny, tmp_path, world):
+    """The engine over two stages (and 2 x 2): requests arriving between steps, chunked prompts,
+    preemption, a seeded sampled request and an abort, as one process steps them."""
+    from test_tp import ENGINE_WORKER
+    script = tmp_path / "engine_worker.py"
+    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(tiny), pp=1))
+    single = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(tiny), pp=2))
+    r = torchrun(world, script)
+    assert single.returncode == 0 and r.returncode == 0, (single.stderr[-2000:], r.stderr[-2000:])
+    one, two = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (single, r))
+    assert two["tokens"] == one["tokens"] and two["reasons"] == one["reasons"] == ["length"] * 3 + ["abort"]
+    assert one["stats"]["preemptions"] > 0

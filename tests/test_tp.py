@@ -105,7 +105,9 @@ import tp
 from checkpoint import load_model
 from engine import Engine
 from sampling import SamplingParams
-engine = Engine(load_model({ckpt!r}), max_num_seqs=2, kv_cache_tokens=80, block_size=16, max_num_batched_tokens=16)
+layout = tp.init(torch.device("cpu"), pp={pp})
+engine = Engine(load_model({ckpt!r}, layout=layout), max_num_seqs=2, kv_cache_tokens=80, block_size=16,
+                max_num_batched_tokens=16, layout=layout)
 prompts = [[(7 * i + j) % 128 for j in range(n)] for i, n in enumerate((5, 40, 23))]
 params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=1.0, seed=3),
           SamplingParams(max_tokens=12)]
@@ -135,7 +137,7 @@ def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path
     each over its shard of the model, and give one process's tokens (preemption included)."""
     ckpt = checkpoint(tmp_path_factory, "gqa")
     script = tmp_path / "engine_worker.py"
-    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt)))
+    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt), pp=1))
     single = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     r = torchrun(2, script)
     assert single.returncode == 0 and r.returncode == 0, (single.stderr[-2000:], r.stderr[-2000:])
@@ -144,8 +146,10 @@ def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path
     assert one["stats"]["preemptions"] > 0
 
 
-def test_server_on_two_ranks_answers_as_one_process(tmp_path_factory):
-    """Under torchrun rank 0 serves HTTP and every rank steps the tensor-parallel engine."""
+@pytest.mark.parametrize("pp", [1, 2])
+def test_server_on_two_ranks_answers_as_one_process(tmp_path_factory, pp):
+    """Under torchrun rank 0 serves HTTP and every rank steps the engine: tensor-parallel, or in two
+    pipeline stages (--pp 2)."""
     import re
     import signal
     import urllib.request
@@ -155,7 +159,7 @@ def test_server_on_two_ranks_answers_as_one_process(tmp_path_factory):
     ckpt = checkpoint(tmp_path_factory, "gqa")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "serve.py", "--checkpoint", str(ckpt), "--port", "0", "--dtype", "float32",
-                             "--served-model-name", "tiny", "--kv-cache-tokens", "1024"],
+                             "--served-model-name", "tiny", "--kv-cache-tokens", "1024", "--pp", str(pp)],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url, lines = None, []
