@@ -180,6 +180,11 @@ def test_impossible_pipelines_are_refused_before_loading(tmp_path):
     r = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path), "--prompt", "hi", "--pp", "2"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip() == "error: --pp 2 runs under torchrun, with a multiple of 2 processes"
+    for args, message in [(["--micro-batches", "2"], "error: --micro-batches needs --pp 2 or more"),
+                          (["--pp", "2", "--num-beams", "2"], "error: --pp does not combine with --num-beams")]:
+        r = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path), "--prompt", "hi", *args],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.strip() == message, (args, r.stderr)
     assert tp.Layout(pp=2, stage=1).stage_layers(3) == range(2, 3)
 
 
