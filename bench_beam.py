@@ -117,7 +117,8 @@ def main(argv=None):
     model = load_model(checkpoint, device=pick_device("cpu"), dtype=getattr(torch, a.dtype))
     tok = load_tokenizer(checkpoint)
     s = speed(model, tok, a.num_beams, a.max_new_tokens, a.rounds, not a.no_compile)
-    print(f"{a.num_beams} rows x {a.max_new_tokens} steps, {a.dtype}, {'eager' if a.no_compile else 'compiled'}: greedy {s['greedy_tok_s']:.1f} tok/s, "
+    mode = "eager" if a.no_compile else "compiled"
+    print(f"{a.num_beams} rows x {a.max_new_tokens} steps, {a.dtype}, {mode}: greedy {s['greedy_tok_s']:.1f} tok/s, "
           f"beam search {s['beam_tok_s']:.1f} tok/s ({s['beam_over_greedy']:.2f}x) | per step: reordering "
           f"{s['reorder_bytes_per_step'] / 1e6:.2f} MB ({s['reordered_rows_per_step']:.2f} rows), weights "
           f"{s['weight_bytes_per_step'] / 1e6:.1f} MB")

@@ -149,7 +149,8 @@ class WeightsFile:
         self.file.close()
 
 
-def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32, layout: Optional[tp.Layout] = None) -> Transformer:
+def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
+               layout: Optional[tp.Layout] = None) -> Transformer:
     """Load a converted checkpoint in eval mode; under torchrun, this rank's share: its pipeline stage's
     layers (layout, from tp.init(device, pp)) and its tensor-parallel slices of them. Without a layout,
     a torchrun world is one tensor-parallel stage.

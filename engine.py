@@ -21,13 +21,14 @@ that share blocks: after each step every new beam forks its parent's block table
 copy), and only a partly filled block that two beams would write is copied. It reports once, at the end,
 with its best hypotheses; the search itself is beam.py's, so it chooses what beam_search chooses.
 
-Under torchrun the model is tensor-parallel (checkpoint.load_model), or split into pipeline stages
-(pp.py's layout, passed as layout=): each forward of a step then goes through the stages in turn, hidden
-states sent from stage to stage, and the last stage's sampled tokens are broadcast to every rank. One
-batch is in the pipeline at a time, so each stage waits while the others work (no micro-batches across
-steps yet), and beam search does not run pipelined. Every rank must step the same batch. Rank 0 is the engine's front: its add_request and abort calls are broadcast at the start of the
-next step, and every rank carries them out there, so all schedulers make the same plans. On the other
-ranks add_request and abort only check their arguments and hand out the same ids.
+Under torchrun the model is tensor-parallel (checkpoint.load_model), or split into pipeline stages (pp.py's
+layout, passed as layout=): each forward of a step then goes through the stages in turn, hidden states sent
+from stage to stage, and the last stage's sampled tokens are broadcast to every rank. One batch is in the
+pipeline at a time, so each stage waits while the others work (no micro-batches across steps yet), and beam
+search does not run pipelined. Every rank must step the same batch. Rank 0 is the engine's front: its
+add_request and abort calls are broadcast at the start of the next step, and every rank carries them out
+there, so all schedulers make the same plans. On the other ranks add_request and abort only check their
+arguments and hand out the same ids.
 """
 import itertools
 import json

@@ -8,8 +8,8 @@
     torchrun --nproc_per_node=4 generate.py --pp 2 --prompt a --prompt b --prompt c --micro-batches 3
 
 The work is done by the library files below this one (checkpoint.py loads, decode.py decodes,
-speculative.py speculates, beam.py searches, pp.py pipelines); this file turns flags into their options, prints, and reports speed.
-For Python, `load_model` and `generate` are importable from here too:
+speculative.py speculates, beam.py searches, pp.py pipelines); this file turns flags into their
+options, prints, and reports speed. For Python, `load_model` and `generate` are importable from here too:
 
     from generate import load_model, generate, SamplingParams
 """
@@ -151,8 +151,8 @@ def parse_args(argv) -> Options:
     except UsageError as e:  # named by its field; say the flag
         flag = "--" + {"max_tokens": "max_new_tokens"}.get(e.param, e.param).replace("_", "-")
         raise UsageError(flag + str(e)[len(e.param):])
-    return Options(sampling=sampling, beam=beam_params(a), prompts=tuple(a.prompt or ()), checkpoint=a.checkpoint, chat=a.chat,
-                   system=a.system, interactive=a.interactive, num_samples=a.num_samples, device=a.device,
+    return Options(sampling=sampling, beam=beam_params(a), prompts=tuple(a.prompt or ()), checkpoint=a.checkpoint,
+                   chat=a.chat, system=a.system, interactive=a.interactive, num_samples=a.num_samples, device=a.device,
                    dtype=a.dtype, max_seq_len=a.max_seq_len, compile=a.compile, compile_prefill=a.compile_prefill,
                    json=a.json, profile=a.profile, draft=a.draft, draft_checkpoint=a.draft_checkpoint,
                    speculate_k=a.speculate_k, pp=a.pp, micro_batches=a.micro_batches)
@@ -237,7 +237,8 @@ def run_beams(o: Options, model, tok, prompts_ids, steps, info: dict) -> list:
                   flush=True)
     n, rows = stats["steps"], len(prompts_ids) * o.beam.num_beams
     print(f"beam search: {len(prompts_ids)} prompt(s) x {o.beam.num_beams} beams, {n} steps in {elapsed:.2f} s, "
-          f"{n * rows / elapsed:.1f} hypothesis tok/s | per step: cache reordering {stats['reorder_bytes'] / n / 1e6:.2f} "
+          f"{n * rows / elapsed:.1f} hypothesis tok/s | per step: cache reordering "
+          f"{stats['reorder_bytes'] / n / 1e6:.2f} "
           f"MB, weights {info['bytes_per_token'] / 1e6:.1f} MB | peak memory {peak_memory_gb(steps.device):.2f} GB | "
           f"compile {info['compile_s']:.1f} s", file=sys.stderr)
     return records
