@@ -19,7 +19,6 @@ token. Each step keeps the (1 + max(1, number of end tokens)) * num_beams best c
 num_beams that do not end run on, and those among the first num_beams that end enter the finished list.
 """
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -28,6 +27,7 @@ import torch
 from decode import Steps, attended_length
 from errors import UsageError
 from model import Transformer
+from sampling import check_number
 
 NEG = -1.0e9  # the score penalty of a candidate that may not be chosen, as transformers adds it
 
@@ -51,34 +51,20 @@ class BeamParams:
     max_candidates: Optional[int] = None
 
     def __post_init__(self):
-        def integer(name, low, high=None):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise UsageError(f"{name} must be an integer, not {value!r}", name)
-            if value < low or (high is not None and value > high):
-                raise UsageError(f"{name} must be {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, "
-                                 f"not {value}", name)
-
-        def real(name, ok, bound):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) or not ok(value):
-                raise UsageError(f"{name} must be {bound}, not {value!r}", name)
-
-        integer("num_beams", 1)
-        integer("max_tokens", 1)
-        integer("num_return_sequences", 1)
+        check_number(self, "num_beams", True, 1)
+        check_number(self, "max_tokens", True, 1)
+        check_number(self, "num_return_sequences", True, 1)
         if self.num_return_sequences > self.num_beams:
             raise UsageError(f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams "
                              f"({self.num_beams})", "num_return_sequences")
-        real("length_penalty", math.isfinite, "a finite number")
+        check_number(self, "length_penalty", False, -math.inf, low_ok=False, high=math.inf, high_ok=False)
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise UsageError(f"early_stopping must be true, false or never, not {self.early_stopping!r}",
                              "early_stopping")
-        real("rel_threshold", lambda v: 0 <= v < 1, "in [0, 1)")
-        real("abs_threshold", lambda v: v > 0, "> 0")
-        real("local_threshold", lambda v: 0 <= v < 1, "in [0, 1)")
-        if self.max_candidates is not None:
-            integer("max_candidates", 1)
+        check_number(self, "rel_threshold", False, 0, high=1, high_ok=False)
+        check_number(self, "abs_threshold", False, 0, low_ok=False)
+        check_number(self, "local_threshold", False, 0, high=1, high_ok=False)
+        check_number(self, "max_candidates", True, 1, optional=True)
 
     @property
     def prunes(self) -> bool:
@@ -291,10 +277,7 @@ def beam_search(model: Transformer, prompt_tokens, params: BeamParams = BeamPara
     with torch.inference_mode():
         log_probs = steps.prefill(model, torch.tensor(rows, device=device), torch.arange(T, device=device),
                                   left_pad, attended_length(model, T))       # (B, V)
-        for layer in model.layers:  # the prompt's K/V to every beam's row (the sources are read first)
-            cache = layer.attention.kv_cache
-            for buf in (cache.k_cache, cache.v_cache):
-                buf[:B * K, :, :T] = buf[:B, :, :T].repeat_interleave(K, dim=0)
+        reorder_cache(model, [row // K for row in range(B * K)], T)  # each prompt's K/V to its beams' rows
         log_probs = log_probs.repeat_interleave(K, dim=0)
         while True:
             done, src, _ = state.advance(log_probs)

@@ -148,9 +148,8 @@ def parse_args(argv) -> Options:
     try:
         sampling = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                   top_p=a.top_p, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
-    except UsageError as e:  # named by its field; say the flag
-        flag = "--" + {"max_tokens": "max_new_tokens"}.get(e.param, e.param).replace("_", "-")
-        raise UsageError(flag + str(e)[len(e.param):])
+    except UsageError as e:
+        raise said_as_flag(e, {"max_tokens": "max_new_tokens"})
     return Options(sampling=sampling, beam=beam_params(a), prompts=tuple(a.prompt or ()), checkpoint=a.checkpoint,
                    chat=a.chat, system=a.system, interactive=a.interactive, num_samples=a.num_samples, device=a.device,
                    dtype=a.dtype, max_seq_len=a.max_seq_len, compile=a.compile, compile_prefill=a.compile_prefill,
@@ -175,8 +174,13 @@ def beam_params(a) -> Optional[BeamParams]:
     try:
         return BeamParams(max_tokens=a.max_new_tokens, **given)
     except UsageError as e:
-        name = {v: k for k, v in flags.items()}.get(e.param, "max_new_tokens" if e.param == "max_tokens" else e.param)
-        raise UsageError("--" + name.replace("_", "-") + str(e)[len(e.param):])
+        raise said_as_flag(e, {"max_tokens": "max_new_tokens", **{v: k for k, v in flags.items()}})
+
+
+def said_as_flag(e: UsageError, flags: dict) -> UsageError:
+    """An options error, named by its field, said with the flag instead (flags: field -> flag's name,
+    where they differ)."""
+    return UsageError("--" + flags.get(e.param, e.param).replace("_", "-") + str(e)[len(e.param):])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,25 @@ import torch
 from errors import UsageError
 
 
+def check_number(options, name: str, integer: bool, low, low_ok: bool = True, high=None, high_ok: bool = True,
+                 optional: bool = False):
+    """A UsageError, named by the field, unless options.name is an integer (or a real number, NaN never)
+    within the bounds; None passes when optional."""
+    value = getattr(options, name)
+    if value is None and optional:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UsageError(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", name)
+    if (value != value or value < low or (value == low and not low_ok)
+            or (high is not None and (value > high or (value == high and not high_ok)))):
+        if high is None:
+            bound = f"{'>=' if low_ok else '>'} {low}"
+        else:
+            bound = f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+        raise UsageError(f"{name} must be {bound}, not {value}", name)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 200               # new tokens at most
@@ -27,26 +46,13 @@ class SamplingParams:
     min_tokens: int = 0                 # no end token, no stop string before this many new tokens (engine)
 
     def __post_init__(self):
-        def number(name, integer, low, low_ok=True, high=None, optional=False):
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            kind = numbers.Integral if integer else numbers.Real
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise UsageError(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}", name)
-            if value < low or (value == low and not low_ok) or (high is not None and value > high):
-                if high is None:
-                    bound = f"{'>=' if low_ok else '>'} {low}"
-                else:
-                    bound = f"in {'[' if low_ok else '('}{low}, {high}]"
-                raise UsageError(f"{name} must be {bound}, not {value}", name)
-
-        number("max_tokens", True, 0)
-        number("min_tokens", True, 0)
-        number("temperature", False, 0)
-        number("top_k", True, 1, optional=True)
-        number("top_p", False, 0, low_ok=False, high=1, optional=True)
-        number("seed", True, -(1 << 63), high=(1 << 64) - 1, optional=True)  # what torch.manual_seed takes
+        check_number(self, "max_tokens", True, 0)
+        check_number(self, "min_tokens", True, 0)
+        check_number(self, "temperature", False, 0)
+        check_number(self, "top_k", True, 1, optional=True)
+        check_number(self, "top_p", False, 0, low_ok=False, high=1, optional=True)
+        # what torch.manual_seed takes
+        check_number(self, "seed", True, -(1 << 63), high=(1 << 64) - 1, optional=True)
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise UsageError(f"stop must be a string or a list of strings, not {self.stop!r}", "stop")

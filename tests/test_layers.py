@@ -50,6 +50,7 @@ def test_sampling_params_validate_themselves():
     assert SamplingParams(stop="END").stop == ("END",)
     assert SamplingParams(stop=["a", ""]).stop == ("a",)
     cases = [(dict(temperature=-1), "temperature", "temperature must be >= 0"),
+             (dict(temperature=float("nan")), "temperature", "temperature must be >= 0, not nan"),
              (dict(top_k=0), "top_k", "top_k must be >= 1"),
              (dict(top_p=0.0), "top_p", "top_p must be in (0, 1]"),
              (dict(top_p=1.5), "top_p", "top_p must be in (0, 1]"),
