@@ -9,6 +9,7 @@ only its own slices (tp.py). Every mistake a user can make here (a missing direc
 field, a truncated weights file) is a UsageError naming the file.
 """
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -125,10 +126,7 @@ class WeightsFile:
             dtype, (start, end) = self.DTYPES.get(e["dtype"]), e["data_offsets"]
             if dtype is None:
                 raise ValueError(f"tensor {name} has an unknown dtype {e['dtype']}")
-            numel = 1
-            for d in e["shape"]:
-                numel *= d
-            if not 0 <= start <= end <= size - self.base or end - start != numel * dtype.itemsize:
+            if not 0 <= start <= end <= size - self.base or end - start != math.prod(e["shape"]) * dtype.itemsize:
                 raise ValueError(f"tensor {name} runs past the end of the file or does not match its shape")
 
     def keys(self):
