@@ -65,11 +65,17 @@ def pick_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """The most memory this process has held: allocated on a GPU, resident on the CPU."""
+    """The most memory this process has held: allocated on a GPU, resident on the CPU (anonymous and
+    file-backed pages). On Linux that is /proc's VmHWM: ru_maxrss carries over an exec, so a process
+    started by a larger one would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    except (OSError, StopIteration):  # no /proc: macOS reports ru_maxrss in bytes, the BSDs in KiB
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,10 +154,11 @@ class WeightsFile:
 
 
 def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
-               layout: Optional[tp.Layout] = None) -> Transformer:
+               layout: Optional[tp.Layout] = None, resident_layers: Optional[int] = None) -> Transformer:
     """Load a converted checkpoint in eval mode; under torchrun, this rank's share: its pipeline stage's
     layers (layout, from tp.init(device, pp)) and its tensor-parallel slices of them. Without a layout,
-    a torchrun world is one tensor-parallel stage.
+    a torchrun world is one tensor-parallel stage. With resident_layers, the layers from that index on
+    are left on the meta device, unread, for offload.py to stream.
 
     The weights are read tensor by tensor into a model built on the meta device, so no second full copy
     is made (WeightsFile); a rank reads only the tensors of its layers, and a tensor-parallel rank only
@@ -186,7 +193,12 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
             return f"layers.{layers[int(index)]}.{rest}"
         return "tok_embeddings.weight" if tied and name == "output.weight" else name
 
-    expected = {k: v for k, v in model.state_dict().items() if not (tied and layout.first and k == "output.weight")}
+    def wanted(name: str) -> bool:
+        if tied and layout.first and name == "output.weight":
+            return False
+        return resident_layers is None or not name.startswith("layers.") or int(name.split(".")[1]) < resident_layers
+
+    expected = {k: v for k, v in model.state_dict().items() if wanted(k)}
     state = {}
     try:
         with safe_open(weights_path, framework="pt") if layout.tp > 1 else WeightsFile(weights_path) as f:
@@ -226,12 +238,13 @@ def load_tokenizer(checkpoint_dir: str) -> Tokenizer:
 
 def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights a batch-1 decode step reads: every weight once, but only one row of an untied
-    embedding (the tied one is read whole, as the output head)."""
-    seen, total = set(), 0
+    embedding (the tied one is read whole, as the output head). Named tensors, not distinct ones: the
+    layers offload.py streams share a few buffers, and each is read once per layer."""
+    total = 0
+    embedding = getattr(model.tok_embeddings, "weight", None)
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:  # a tied weight is one tensor under two names
-            continue
-        seen.add(id(t))
+        if name == "output.weight" and t is embedding:
+            continue  # tied: counted as the embedding
         if name == "tok_embeddings.weight" and getattr(model.output, "weight", None) is not t:
             total += t[0].numel() * t.element_size()
         else:

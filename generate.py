@@ -6,10 +6,12 @@
     python generate.py --interactive                               # multi-turn chat, KV cache kept
     python generate.py --prompt "The capital of France" --num-beams 4 --num-return-sequences 2 --json
     torchrun --nproc_per_node=4 generate.py --pp 2 --prompt a --prompt b --prompt c --micro-batches 3
+    python generate.py --checkpoint BIG --device cuda --gpu-layers 8 --prompt a   # the other layers streamed
+    python generate.py --checkpoint BIG --device cpu --max-resident-gb 2 --prompt a   # the rest stays on disk
 
 The work is done by the library files below this one (checkpoint.py loads, decode.py decodes,
-speculative.py speculates, beam.py searches, pp.py pipelines); this file turns flags into their
-options, prints, and reports speed. For Python, `load_model` and `generate` are importable from here too:
+speculative.py speculates, beam.py searches, pp.py pipelines, offload.py streams layers); this file turns
+flags into their options, prints, and reports speed. For Python, `load_model` and `generate` are importable from here too:
 
     from generate import load_model, generate, SamplingParams
 """
@@ -30,6 +32,7 @@ from checkpoint import (DTYPES, default_checkpoint, load_model, load_tokenizer, 
                         pick_dtype, weight_bytes_per_token)
 from decode import Steps, TextStream, generate
 from errors import ArgumentParser, UsageError, run_command
+from offload import OffloadOptions, load_offloaded
 from sampling import SamplingParams
 from speculative import SpeculativeSteps, pack_target, speculative_generate
 
@@ -59,6 +62,7 @@ class Options:
     beam: Optional[BeamParams] = None        # beam search instead of sampling (--num-beams)
     pp: int = 1                              # pipeline stages (under torchrun); the rest is tensor-parallel
     micro_batches: Optional[int] = None      # micro-batches of a pipeline; None: min(prompts, stages)
+    offload: Optional[OffloadOptions] = None  # stream layers (--offload, --gpu-layers, --max-resident-gb)
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -89,6 +93,12 @@ class Options:
                               (self.beam, "--num-beams"), (self.compile_prefill, "--compile-prefill")):
                 if bad:
                     raise UsageError(f"--pp does not combine with {flag}")
+        if self.offload:
+            for bad, flag in ((self.compile or self.compile_prefill, "--compile"), (self.speculative, "--draft"),
+                              (self.pp > 1, "--pp")):
+                if bad:  # streamed layers run eagerly, one process, and speculative.py repacks the weights
+                    raise UsageError(f"offloading (--offload, --gpu-layers, --max-resident-gb) does not combine "
+                                     f"with {flag}")
         if self.beam:
             s = self.sampling
             if not s.greedy or s.top_k is not None or s.top_p is not None:
@@ -133,6 +143,11 @@ def parse_args(argv) -> Options:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages under torchrun (the rest of the world is "
                                                      "tensor-parallel)")
     p.add_argument("--micro-batches", type=int, help="micro-batches of the pipeline (default: min(prompts, --pp))")
+    p.add_argument("--offload", action="store_true", help="on a GPU, stream every layer from pinned CPU memory")
+    p.add_argument("--gpu-layers", type=int, help="on a GPU, keep the first N layers resident and stream the others")
+    p.add_argument("--max-resident-gb", type=float, help="on the CPU, hold at most this much of the layers' weights "
+                                                         "in memory and stream the rest from the checkpoint file")
+    p.add_argument("--prefetch", type=int, help="streamed layers copied ahead of the one computing (default 1)")
     p.add_argument("--num-beams", type=int, help="beam search with this many beams per prompt")
     p.add_argument("--length-penalty", type=float, help="beam score = log-prob / length ** this (default 1)")
     p.add_argument("--early-stopping", choices=["true", "false", "never"],
@@ -154,7 +169,19 @@ def parse_args(argv) -> Options:
                    chat=a.chat, system=a.system, interactive=a.interactive, num_samples=a.num_samples, device=a.device,
                    dtype=a.dtype, max_seq_len=a.max_seq_len, compile=a.compile, compile_prefill=a.compile_prefill,
                    json=a.json, profile=a.profile, draft=a.draft, draft_checkpoint=a.draft_checkpoint,
-                   speculate_k=a.speculate_k, pp=a.pp, micro_batches=a.micro_batches)
+                   speculate_k=a.speculate_k, pp=a.pp, micro_batches=a.micro_batches, offload=offload_options(a))
+
+
+def offload_options(a) -> Optional[OffloadOptions]:
+    """The offloading flags as OffloadOptions; None without --offload, --gpu-layers or --max-resident-gb."""
+    if not (a.offload or a.gpu_layers is not None or a.max_resident_gb is not None):
+        if a.prefetch is not None:
+            raise UsageError("--prefetch needs --offload, --gpu-layers or --max-resident-gb")
+        return None
+    if a.max_resident_gb is not None and (a.offload or a.gpu_layers is not None):
+        raise UsageError("--max-resident-gb is for the CPU, --offload and --gpu-layers for a GPU: give one")
+    return OffloadOptions(prefetch=1 if a.prefetch is None else a.prefetch, gpu_layers=a.gpu_layers or 0,
+                          max_resident_gb=a.max_resident_gb)
 
 
 def beam_params(a) -> Optional[BeamParams]:
@@ -305,10 +332,14 @@ def synchronize(device):
 def report(stats: dict):
     speculation = (f" | acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_target_step']:.2f} tok per "
                    "target step" if "acceptance_rate" in stats else "")
+    streaming = (f" | streamed {stats['streamed_layers']} of {stats['streamed_layers'] + stats['resident_layers']} "
+                 f"layers, {stats['streamed_mb_per_step']:.1f} MB per step, "
+                 + ("mapped in place" if stats["zero_copy"] else "copied") + f" at {stats['transfer_gb_s']:.2f} GB/s"
+                 if "streamed_layers" in stats else "")
     print(f"prompt {stats['prompt_tokens']} tok, generated {stats['generated_tokens']} tok | "
           f"ttft {stats['ttft_s'] * 1e3:.1f} ms, prefill {stats['prefill_tok_s']:.1f} tok/s, "
           f"decode {stats['decode_tok_s']:.2f} tok/s, {stats['bandwidth_gb_s']:.2f} GB/s | "
-          f"peak memory {stats['peak_memory_gb']:.2f} GB | compile {stats['compile_s']:.1f} s{speculation}",
+          f"peak memory {stats['peak_memory_gb']:.2f} GB | compile {stats['compile_s']:.1f} s{speculation}{streaming}",
           file=sys.stderr)
 
 
@@ -322,6 +353,8 @@ def run_batch(o: Options, params: SamplingParams, model, tok, prompts_ids, steps
     live = not batch and not o.json
     eos_ids = set() if params.ignore_eos else tok.eos_ids
     stats, ttft = {}, None
+    offload = getattr(model, "offload", None)
+    streamed_before = offload.stats() if offload else None
     synchronize(steps.device)
     t0 = time.perf_counter()
     for step in token_steps(o, model, prompts_ids, params, tok.eos_ids, steps, draft, stats, layout):
@@ -357,6 +390,14 @@ def run_batch(o: Options, params: SamplingParams, model, tok, prompts_ids, steps
             "decode_tok_s": decode_tok_s,
             "bandwidth_gb_s": info["bytes_per_token"] * decode_tok_s / 1e9,
             "peak_memory_gb": peak_memory_gb(steps.device), "compile_s": info["compile_s"]})
+        if offload:  # what was streamed during this run: bytes per forward pass, and how fast they came
+            now = offload.stats()
+            seconds = now["copy_seconds"] - streamed_before["copy_seconds"]
+            records[-1].update(resident_layers=now["resident_layers"], streamed_layers=now["streamed_layers"],
+                               prefetch=now["prefetch"], zero_copy=now["zero_copy"],
+                               streamed_mb_per_step=now["bytes_per_pass"] / 1e6,
+                               transfer_gb_s=(now["bytes_moved"] - streamed_before["bytes_moved"]) / 1e9
+                               / max(seconds, 1e-9))
         if "busy_share" in stats:  # each rank's share of the time it computed (pipeline)
             records[-1]["pipeline_busy_share"] = stats["busy_share"]
         elif stats:
@@ -426,7 +467,12 @@ def main(argv=None):
             sys.stdout = sys.stderr = open(os.devnull, "w")
     elif o.pp > 1:
         raise UsageError(f"--pp {o.pp} runs under torchrun, with a multiple of {o.pp} processes")
-    model = load_model(checkpoint, device=device, dtype=dtype, layout=layout)
+    if o.offload and layout:
+        raise UsageError("offloading runs in one process, not under torchrun")
+    if o.offload:
+        model = load_offloaded(checkpoint, device, dtype, o.offload)
+    else:
+        model = load_model(checkpoint, device=device, dtype=dtype, layout=layout)
     tok = load_tokenizer(checkpoint)
     prompts_ids = encode_prompts(o, tok)
     model.setup_caches(max_batch_size=max(1, len(prompts_ids)) * (o.beam.num_beams if o.beam else 1),

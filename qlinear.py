@@ -9,6 +9,8 @@ On the CPU each layer runs PyTorch's fused weight-only kernels (`_weight_int8pac
 other devices, it dequantizes the weight and uses the float matmul. quantize.py writes these layers'
 tensors; checkpoint.py builds the layers and loads them.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,11 +56,18 @@ class Int4Linear(nn.Module):
         self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
 
     def prepare(self):
-        """Repack for the device's kernel, once the weights are loaded where they will run."""
-        if self.weight.device.type == "cpu":
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
-            # Kept in the kernel's dtype: converting the float32 scales at every step would re-read them.
-            self.kernel_scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
+        """Repack for the device's kernel, once the weights are loaded where they will run; into the
+        repacked buffers when they exist (offload.py refills a layer's buffers at every step)."""
+        if self.weight.device.type != "cpu" or self.out_features % 16:  # the kernel's blocks are of 16 channels
+            return
+        packed = pack_int4_for_cpu(self.weight)
+        # Kept in the kernel's dtype: converting the float32 scales at every step would re-read them.
+        scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
+        if self.packed is None:
+            self.packed, self.kernel_scales_and_zeros = packed, scales_and_zeros
+        else:
+            self.packed.copy_(packed)
+            self.kernel_scales_and_zeros.copy_(scales_and_zeros)
 
     def forward(self, x):
         if self.packed is not None and x[..., 0].numel() <= INT4_FUSED_MAX_ROWS:
@@ -80,6 +89,34 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[out, in] values 0..15 -> [out, in / 2] bytes."""
     q = q.to(torch.uint8)
     return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def pack_int4_for_cpu(packed: torch.Tensor) -> torch.Tensor:
+    """Our [out, in / 2] bytes in the layout of `_weight_int4pack_mm_for_cpu`.
+
+    PyTorch's own converter takes the values as int32, four bytes each, and is slow enough to dominate a
+    load, or a streamed layer (offload.py). Its layout, on machines with AVX-512, pairs output channel
+    n + 32 (high nibble) with n (low) for each input, in blocks of 64 channels: a shuffle of our bytes,
+    done here on half-size tensors. The shuffle is checked against the converter once; where they differ
+    (another CPU, another PyTorch), the converter is used."""
+    if packed.shape[0] % 64 == 0 and _cpu_layout_is_shuffle():
+        return _shuffle_for_cpu(packed)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
+
+
+def _shuffle_for_cpu(packed: torch.Tensor) -> torch.Tensor:
+    n = packed.shape[0]
+    b = packed.view(n // 64, 2, 32, -1)  # [blocks, low / high half, 32 channels, in / 2]
+    low, high = b[:, 0], b[:, 1]
+    even, odd = (low & 0xF) | (high << 4), (low >> 4) | (high & 0xF0)  # inputs 2i and 2i + 1
+    return torch.stack([even, odd], dim=-1).permute(0, 2, 3, 1).reshape(n, -1)  # [blocks, in, 32]
+
+
+@functools.cache
+def _cpu_layout_is_shuffle() -> bool:
+    probe = torch.randint(0, 256, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(probe).to(torch.int32), 1)
+    return reference.shape == probe.shape and torch.equal(reference, _shuffle_for_cpu(probe))
 
 
 def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):

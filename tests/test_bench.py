@@ -62,3 +62,23 @@ def test_beam_benchmark_runs(tmp_path_factory, tmp_path):
     for name, row in result["pruning"].items():
         assert row["steps"] >= 16 and (name == "none" or row["steps"] <= result["pruning"]["none"]["steps"])
     assert "beam search" in r.stdout and "best changed" in r.stdout
+
+
+def test_offload_benchmark_runs(tmp_path_factory, tmp_path):
+    _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=7, num_hidden_layers=4)
+    out = tmp_path / "offload.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_offload.py"), "--checkpoint", str(ckpt),
+                        "--dtype", "float32", "--batch-sizes", "1,4", "--prefetch", "0,1", "--rounds", "2",
+                        "--max-new-tokens", "6", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    rows = {(row["mode"], row["batch"]): row for row in result["rows"]}
+    assert set(rows) == {(m, b) for m in ("resident", "prefetch 0", "prefetch 1") for b in (1, 4)}
+    for (mode, batch), row in rows.items():
+        low, high = row["tok_s_range"]
+        assert 0 < low <= row["tok_s"] <= high
+        if mode != "resident":
+            assert row["streamed_layers"] >= 2 and row["zero_copy"] and row["streamed_mb_per_step"] > 0
+            assert row["transfer_gb_s"] > 0 and row["of_bound"] > 0
+    assert result["copy_bandwidth_gb_s"] > 0 and "x resident" in r.stdout

@@ -11,9 +11,9 @@ from errors import UsageError
 from sampling import SamplingParams
 
 # The reading order: each file may import only files before it (which also rules out cycles).
-LAYERS = ["model", "tokenizer", "errors", "qlinear", "tp", "convert_checkpoint", "checkpoint",
+LAYERS = ["model", "tokenizer", "errors", "qlinear", "tp", "convert_checkpoint", "checkpoint", "offload",
           "sampling", "decode", "speculative", "beam", "pp", "sequence", "block_manager", "scheduler", "engine",
-          "quantize", "eval", "bench", "bench_beam", "bench_serving", "serve", "generate"]
+          "quantize", "eval", "bench", "bench_beam", "bench_offload", "bench_serving", "serve", "generate"]
 COMMAND_LINE = "generate"
 
 
