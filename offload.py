@@ -1,5 +1,5 @@
-"""Offloading (FlexGen): run a model whose layers do not all fit in memory, by streaming their weights
-through a few buffers, the next layers copied while the current one computes.
+"""Offloading (FlexGen): run a model whose layers do not all fit in memory by streaming their weights, the
+next layers brought in while the current one computes.
 
     # a GPU: the first 8 layers resident, the others streamed from pinned CPU memory
     model = load_offloaded(DIR, "cuda", torch.bfloat16, OffloadOptions(gpu_layers=8, prefetch=1))
@@ -9,18 +9,21 @@ through a few buffers, the next layers copied while the current one computes.
     model.offload.stats()                           # bytes streamed, seconds spent copying
 
 The embedding, the final norm, the output head and the KV cache stay on the device, and so do the first
-layers that fit (llama.cpp's --n-gpu-layers). Each of the other layers is streamed at every forward pass
-into one of prefetch + 1 buffers (a ring), each a copy of one layer's modules on the device: while layer j
-computes out of its buffer, the next `prefetch` layers are being copied into the others.
-- On a GPU the streamed weights wait in pinned CPU memory and are copied on a side stream; the compute
-  stream waits for a layer's copy, and a buffer is refilled only after the compute stream is done with it.
-- On the CPU they stay in the checkpoint file, memory-mapped. A worker thread copies a layer into its
-  buffer (which also aligns it, casts it and repacks int4 for the kernel), tells the kernel to read the
-  next layer ahead (MADV_WILLNEED) and to drop the pages it has copied from this process's memory
-  (MADV_DONTNEED): the file's pages stay in the page cache while the machine has room, and come from the
-  disk when it has not.
+layers that fit (llama.cpp's --n-gpu-layers). The other layers are streamed at every forward pass, with
+prefetch + 1 of them in flight: while layer j computes, the next `prefetch` are being brought in.
+- On a GPU their weights wait in pinned CPU memory and are copied on a side stream into a ring of
+  prefetch + 1 buffers, each a copy of one layer's modules on the device. The compute stream waits for a
+  layer's copy, and a buffer is refilled only after the compute stream is done with it.
+- On the CPU they stay in the checkpoint file, memory-mapped. Where the file holds each tensor as it runs
+  (its dtype, no repacking), a streamed layer computes straight out of the mapping, as llama.cpp's mmap
+  does: a worker thread maps its pages in ahead of its turn (MADV_POPULATE_READ, with the next layer's
+  read from disk started by MADV_WILLNEED), and they are dropped from this process once it has run
+  (MADV_DONTNEED). Otherwise (a cast, int4's kernel layout, an int8 weight the kernel cannot read where
+  it lies) the worker copies each layer into a ring of buffers as on a GPU, dropping each tensor's pages
+  once copied. Either way the file's pages stay in the page cache while the machine has room, and come
+  from the disk when it has not.
 model.py is unchanged: each streamed block gets a forward pre-hook, which waits for its weights and points
-its parameters at the buffer holding them, and a forward hook, which hands that buffer to the layer
+its parameters at them, and a forward hook, which lets go of them and starts bringing in the layer
 prefetch + 1 further on. Streamed runs are eager: a compiled step would need those hooks in its graph.
 """
 import copy
@@ -47,7 +50,7 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.star
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    prefetch: int = 1                         # layers being copied while one computes (0: copy, then compute)
+    prefetch: int = 1                         # layers brought in while one computes (0: bring in, then compute)
     gpu_layers: int = 0                       # on a GPU: the first layers kept resident, the others streamed
     max_resident_gb: Optional[float] = None   # on the CPU: what the layers' weights may hold in memory, in GB
 

@@ -109,7 +109,7 @@ def _shuffle_for_cpu(packed: torch.Tensor) -> torch.Tensor:
     b = packed.view(n // 64, 2, 32, -1)  # [blocks, low / high half, 32 channels, in / 2]
     low, high = b[:, 0], b[:, 1]
     even, odd = (low & 0xF) | (high << 4), (low >> 4) | (high & 0xF0)  # inputs 2i and 2i + 1
-    return torch.stack([even, odd], dim=-1).permute(0, 2, 3, 1).reshape(n, -1)  # [blocks, in, 32]
+    return torch.stack([even, odd], dim=-1).permute(0, 2, 3, 1).contiguous().view(n, -1)  # [blocks, in, 32]
 
 
 @functools.cache

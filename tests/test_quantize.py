@@ -147,3 +147,11 @@ def test_bad_input_is_refused(tiny_checkpoint, tmp_path):
     assert run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "q", "--mode", "int8").returncode == 0
     r = run("quantize.py", "--checkpoint", tmp_path / "q", "--out", tmp_path / "qq", "--mode", "int4")
     assert r.returncode == 2 and "is already quantized (int8)" in r.stderr
+
+
+@pytest.mark.parametrize("rows", [64, 192, 48])  # one block, three blocks, and one the shuffle leaves to PyTorch
+def test_int4_repacking_equals_pytorchs_converter(rows):
+    packed = torch.randint(0, 256, (rows, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qlinear.unpack_int4(packed).to(torch.int32), 1)
+    got = qlinear.pack_int4_for_cpu(packed)
+    assert got.is_contiguous() and torch.equal(got, expected)
