@@ -94,14 +94,7 @@ def decode_log_probs(model, token, input_pos, left_pad, kv_len):
 
 class BeamSteps(Steps):
     """A model's beam-search steps, eager or compiled; make one per model and pass it to every call."""
-
-    def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False):
-        super().__init__(model)
-        self.prefill, self.decode = prefill_log_probs, decode_log_probs
-        if compile:
-            self.decode = self.compiled(decode_log_probs)
-        if compile_prefill:
-            self.prefill = self.compiled(prefill_log_probs, dynamic=True)
+    prefill_fn, decode_fn = staticmethod(prefill_log_probs), staticmethod(decode_log_probs)
 
 
 # ---------------------------------------------------------------------------------------------------------

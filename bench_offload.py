@@ -13,8 +13,9 @@ streaming allows, max(the resident step, streamed bytes / the copy bandwidth mea
 pinned host-to-device copy on a GPU, a copy out of the page cache (mmap) on the CPU. Where the CPU
 computes in place from the mapped file (zero copy: the file holds what runs), a fill only maps a layer's
 pages, so its rate is that of mapping, and the bound is the resident step. The file is read from the
-page cache when the machine has room for it: on the CPU these are the speeds of memory, not of a disk. On a GPU the peak memory of each run is printed beside its estimate, non-layer weights plus
-resident and buffered layers plus the KV cache.
+page cache when the machine has room for it: on the CPU these are the speeds of memory, not of a disk.
+On a GPU the peak memory of each run is printed beside its estimate, non-layer weights plus resident and
+buffered layers plus the KV cache.
 """
 import json
 import mmap
@@ -26,7 +27,7 @@ import torch
 
 from bench import SHAPES, measure_read_bandwidth, write_random_checkpoint
 from checkpoint import load_model, pick_device, pick_dtype, read_config
-from decode import Steps, generate
+from decode import Steps, generate, synchronize
 from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs
 from offload import OffloadOptions, load_offloaded, tensor_bytes, tensors_of
@@ -36,11 +37,6 @@ from sampling import SamplingParams
 STREAM_1G = ModelArgs(dim=1024, n_layers=32, n_heads=8, n_kv_heads=8, head_dim=128, intermediate_size=4096,
                       vocab_size=257, norm_eps=1e-5, rope_base=10000.0, max_seq_len=2048, tie_embeddings=True,
                       attention_bias=False)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(path: str, device: torch.device) -> float:
@@ -160,7 +156,8 @@ def main(argv=None):
             row.update(bound_ms=bound_ms, of_bound=row["step_ms"] / bound_ms,
                        vs_resident=row["tok_s"] / resident_row["tok_s"])
             if device.type == "cuda":
-                non_layer = tensor_bytes([t for n, t in models[label].state_dict().items() if not n.startswith("layers.")])
+                non_layer = tensor_bytes([t for n, t in models[label].state_dict().items()
+                                          if not n.startswith("layers.")])
                 kv = sum(tensor_bytes([blk.attention.kv_cache.k_cache, blk.attention.kv_cache.v_cache])
                          for blk in models[label].layers)
                 row["estimated_device_gb"] = (non_layer + kv + (stats["resident_layers"] + stats["prefetch"] + 1)

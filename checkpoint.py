@@ -64,6 +64,19 @@ def pick_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def pick_layout(device: torch.device, pp: int = 1) -> Optional[tp.Layout]:
+    """Under torchrun, this rank's place in a mesh of pp pipeline stages, the rest of the world tensor-
+    parallel (tp.init); None in a single process, which runs no pipeline."""
+    if tp.world_size() == 1:
+        if pp > 1:
+            raise UsageError(f"--pp {pp} runs under torchrun, with a multiple of {pp} processes", "pp")
+        return None
+    try:
+        return tp.init(device, pp=pp)
+    except ValueError as e:
+        raise UsageError(str(e), "pp")
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """The most memory this process has held: allocated on a GPU, resident on the CPU (anonymous and
     file-backed pages). On Linux that is /proc's VmHWM: ru_maxrss carries over an exec, so a process

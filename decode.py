@@ -74,13 +74,16 @@ class Steps:
     and pass it to every generate() call: the compiled graphs live on this object, and nothing global
     changes."""
 
+    # The step functions, before compiling; a subclass for another search names its own.
+    prefill_fn, decode_fn = staticmethod(prefill), staticmethod(decode_step)
+
     def __init__(self, model: Transformer, compile: bool = False, compile_prefill: bool = False):
         self.device = model.dtype_device()[1]
-        self.prefill, self.decode = prefill, decode_step
+        self.prefill, self.decode = self.prefill_fn, self.decode_fn
         if compile:
-            self.decode = self.compiled(decode_step)
+            self.decode = self.compiled(self.decode_fn)
         if compile_prefill:
-            self.prefill = self.compiled(prefill, dynamic=True)
+            self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
     def compiled(self, fn, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
@@ -88,6 +91,14 @@ class Steps:
         if self.device.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
         return torch.compile(fn, options=inductor_options(self.device), fullgraph=True, **kwargs)
+
+
+def synchronize(device: torch.device):
+    """Wait for the device's queued work: what a timer must do before it reads the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ class Engine:
     def _abort(self, request_id: str):
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
-            for s in self.groups.pop(request_id, BeamGroup(None, [seq])).beams:
+            group = self.groups.pop(request_id, None)  # a beam search's beams, or the one sequence
+            for s in group.beams if group else [seq]:
                 self.scheduler.remove(s)
             self.streams.pop(seq.request_id, None)
             self.pending.append(self._output(seq, [], "", "abort"))

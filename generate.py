@@ -11,7 +11,8 @@
 
 The work is done by the library files below this one (checkpoint.py loads, decode.py decodes,
 speculative.py speculates, beam.py searches, pp.py pipelines, offload.py streams layers); this file turns
-flags into their options, prints, and reports speed. For Python, `load_model` and `generate` are importable from here too:
+flags into their options, prints, and reports speed. For Python, `load_model` and `generate` are
+importable from here too:
 
     from generate import load_model, generate, SamplingParams
 """
@@ -29,8 +30,8 @@ import pp
 import tp
 from beam import BeamParams, BeamSteps, beam_search
 from checkpoint import (DTYPES, default_checkpoint, load_model, load_tokenizer, peak_memory_gb, pick_device,
-                        pick_dtype, weight_bytes_per_token)
-from decode import Steps, TextStream, generate
+                        pick_dtype, pick_layout, weight_bytes_per_token)
+from decode import Steps, TextStream, generate, synchronize
 from errors import ArgumentParser, UsageError, run_command
 from offload import OffloadOptions, load_offloaded
 from sampling import SamplingParams
@@ -147,7 +148,7 @@ def parse_args(argv) -> Options:
     p.add_argument("--gpu-layers", type=int, help="on a GPU, keep the first N layers resident and stream the others")
     p.add_argument("--max-resident-gb", type=float, help="on the CPU, hold at most this much of the layers' weights "
                                                          "in memory and stream the rest from the checkpoint file")
-    p.add_argument("--prefetch", type=int, help="streamed layers copied ahead of the one computing (default 1)")
+    p.add_argument("--prefetch", type=int, help="streamed layers brought in while one computes (default 1)")
     p.add_argument("--num-beams", type=int, help="beam search with this many beams per prompt")
     p.add_argument("--length-penalty", type=float, help="beam score = log-prob / length ** this (default 1)")
     p.add_argument("--early-stopping", choices=["true", "false", "never"],
@@ -180,8 +181,8 @@ def offload_options(a) -> Optional[OffloadOptions]:
         return None
     if a.max_resident_gb is not None and (a.offload or a.gpu_layers is not None):
         raise UsageError("--max-resident-gb is for the CPU, --offload and --gpu-layers for a GPU: give one")
-    return OffloadOptions(prefetch=1 if a.prefetch is None else a.prefetch, gpu_layers=a.gpu_layers or 0,
-                          max_resident_gb=a.max_resident_gb)
+    return OffloadOptions(prefetch=OffloadOptions.prefetch if a.prefetch is None else a.prefetch,
+                          gpu_layers=a.gpu_layers or 0, max_resident_gb=a.max_resident_gb)
 
 
 def beam_params(a) -> Optional[BeamParams]:
@@ -322,13 +323,6 @@ def warm_up(o: Options, model, tok, prompts_ids, steps, draft, layout=None) -> f
 # Running and reporting
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def report(stats: dict):
     speculation = (f" | acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_target_step']:.2f} tok per "
                    "target step" if "acceptance_rate" in stats else "")
@@ -456,17 +450,11 @@ def main(argv=None):
     device = pick_device(o.device)
     dtype = pick_dtype(o.dtype, device)
     params = o.sampling
-    layout = None
-    if tp.world_size() > 1:  # under torchrun: one process per rank, rank 0 speaks for all
-        try:
-            layout = tp.init(device, pp=o.pp)
-        except ValueError as e:
-            raise UsageError(str(e))
+    layout = pick_layout(device, o.pp)
+    if layout is not None:  # under torchrun: one process per rank, rank 0 speaks for all
         params = replace(params, seed=tp.shared_seed(params.seed, device))
         if tp.rank() > 0:
             sys.stdout = sys.stderr = open(os.devnull, "w")
-    elif o.pp > 1:
-        raise UsageError(f"--pp {o.pp} runs under torchrun, with a multiple of {o.pp} processes")
     if o.offload and layout:
         raise UsageError("offloading runs in one process, not under torchrun")
     if o.offload:

@@ -354,9 +354,8 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
         return {n: f"layers.{i}.{n}" for n in stored}
 
     try:
-        buffers = [new_buffer()]
         if device.type == "cuda":
-            zero_copy, resident = False, min(options.gpu_layers, args.n_layers)
+            zero_copy = False
         else:
             mapped = MappedFile(weights_path)
             # In place when every tensor is stored as it runs: no cast, no repacking (int4's kernel layout is
@@ -365,9 +364,11 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
                 WeightsFile.DTYPES[mapped.entries[full]["dtype"]] == kinds[n].dtype
                 and (kinds[n].is_floating_point() or mapped.span(full)[0] % 64 == 0)
                 for i in range(args.n_layers) for n, full in names(i).items())
-            if zero_copy:
-                buffers = []
-            in_flight = tensor_bytes(kinds.values()) if zero_copy else tensor_bytes(tensors_of(buffers[0]).values())
+        buffers = [] if zero_copy else [new_buffer()]  # a buffer holds what qlinear.prepare adds, too
+        if device.type == "cuda":
+            resident = min(options.gpu_layers, args.n_layers)
+        else:
+            in_flight = tensor_bytes(tensors_of(buffers[0]).values()) if buffers else tensor_bytes(kinds.values())
             resident = resident_within(options, args.n_layers, in_flight,
                                        0 if zero_copy else max(mapped.span(f"layers.0.{n}")[1] for n in stored))
         model = load_model(checkpoint_dir, device=device, dtype=dtype, resident_layers=resident)

@@ -91,12 +91,7 @@ def stage_step(model, x, input_pos, left_pad, kv_len, first_row, temperature, to
 class PipelineSteps(Steps):
     """A stage's steps: prefill eager (each prompt length its own shape), decode compiled or not. The
     micro-batch's first cache row is a symbolic size, so micro-batches share a graph per row count."""
-
-    def __init__(self, model, compile: bool = False):
-        super().__init__(model)
-        self.prefill = self.decode = stage_step
-        if compile:
-            self.decode = self.compiled(stage_step)
+    prefill_fn = decode_fn = staticmethod(stage_step)
 
 
 def check(model, layout: Layout, batch: int, micro_batches: int):
@@ -228,10 +223,7 @@ def generate(model, layout: Layout, prompt_tokens: list, params: SamplingParams 
                     if kind == RUN:
                         shape = (len(parts[m]), T if t == 0 else 1, model.args.dim)
                         out = run(m, t, links.recv(shape, dtype, links.prev))
-                        if layout.last:
-                            links.send(out, links.first)
-                        else:
-                            links.send(out, links.next)
+                        links.send(out, links.first if layout.last else links.next)
     finally:
         if layout.first and not completed:  # ended early: collect what is in flight, then stop the others
             for m in list(in_flight):

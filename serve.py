@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import tp
-from checkpoint import DTYPES, default_checkpoint, load_model, load_tokenizer, pick_device, pick_dtype
+from checkpoint import DTYPES, default_checkpoint, load_model, load_tokenizer, pick_device, pick_dtype, pick_layout
 from engine import Engine
 from errors import ArgumentParser, UsageError, run_command
 from sampling import SamplingParams
@@ -458,14 +458,7 @@ def main(argv=None):
     checkpoint = o.checkpoint or default_checkpoint()
     device = pick_device(o.device)
     dtype = pick_dtype(o.dtype, device)
-    layout = None
-    if tp.world_size() > 1:
-        try:
-            layout = tp.init(device, pp=o.pp)
-        except ValueError as e:
-            raise UsageError(str(e))
-    elif o.pp > 1:
-        raise UsageError(f"--pp {o.pp} runs under torchrun, with a multiple of {o.pp} processes")
+    layout = pick_layout(device, o.pp)
     model = load_model(checkpoint, device=device, dtype=dtype, layout=layout)
     tokenizer = load_tokenizer(checkpoint)
     engine = Engine(model, tokenizer, max_num_seqs=o.max_num_seqs, kv_cache_tokens=o.kv_cache_tokens,
