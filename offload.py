@@ -202,10 +202,12 @@ class MappedLayers:
     def __init__(self, mapped: MappedFile, blocks: list, names: list, slots: int):
         self.mapped, self.names, self.slots = mapped, names, slots
         self.tensors = [{n: mapped.tensor(full) for n, full in layer.items()} for layer in names]
-        for block, layer in zip(blocks, self.tensors):
+        for j, (block, layer) in enumerate(zip(blocks, self.tensors)):
             kinds = tensors_of(block)
             Pointer(block, list(layer))({n: nn.Parameter(t, requires_grad=False) if isinstance(kinds[n], nn.Parameter)
                                          else t for n, t in layer.items()})
+            qlinear.prepare(block)  # what it adds (int8's weight sums) is small and stays resident
+            self.release(j)
 
     def fill(self, slot: int, j: int):
         self.mapped.advise(self.names[(j + 1) % len(self.names)].values(), mmap.MADV_WILLNEED)

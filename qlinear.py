@@ -4,10 +4,15 @@
 - Int4Linear: asymmetric int4, one scale and zero point per group of `groupsize` inputs:
   w = (q - 8) * scale + zero, q in [0, 15], stored two to a byte (even input index in the low nibble).
 
-On the CPU each layer runs PyTorch's fused weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`) for the few rows of a decode step; for a prompt of many rows, and on
-other devices, it dequantizes the weight and uses the float matmul. quantize.py writes these layers'
-tensors; checkpoint.py builds the layers and loads them.
+Which kernel runs:
+- int8 on the CPU, every row count: int8 activations too (W8A8). Each product rounds its input to uint8
+  per row and multiplies in integers (`torch._int_mm`); quantize.py smooths the weights so that this
+  rounding costs little. Against the float product of the int8 weights, this was faster both for a decode
+  step's row and for a 512-token prompt (BENCHMARKS.md), so the weight-only kernel is not used here.
+- int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
+  a decode step; for a prompt of many rows, the weight dequantized and the float matmul.
+- Other devices: the weight dequantized and the float matmul (weight-only).
+quantize.py writes these layers' tensors; checkpoint.py builds the layers and loads them.
 """
 import functools
 
@@ -15,31 +20,61 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The fused CPU kernels are made for decoding: their time grows with every row, so beyond these many rows
-# dequantizing the weight once and using the float matmul is faster (crossovers in BENCHMARKS.md).
-INT8_FUSED_MAX_ROWS = 16
+# The fused int4 CPU kernel is made for decoding: its time grows with every row, so beyond these many rows
+# dequantizing the weight once and using the float matmul is faster (crossover in BENCHMARKS.md).
 INT4_FUSED_MAX_ROWS = 128
-# The fused CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16 whatever the
+# The fused int4 CPU kernel is far slower in float32 than in bfloat16, so it runs in bfloat16 whatever the
 # model's dtype; the rounding of the layer's input and output is well below the quantized weights' error.
 KERNEL_DTYPE = torch.bfloat16
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, in_features, out_features, bias=False, device=None):
+    def __init__(self, in_features, out_features, bias=False, device=None, int8_activations=True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # False for a checkpoint quantized before quantize.py smoothed int8 weights: rounding its activations
+        # to 8 bits costs several times more, so it runs weight-only
+        self.int8_activations = int8_activations
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        # each output channel's sum of its int8 weights, made by prepare() on the CPU: the activations' zero
+        # point times it is what their offset adds to each output
+        self.register_buffer("weight_sums", None, persistent=False)
+
+    def prepare(self):
+        """On the CPU, the weight sums that int8_activation_matmul needs; into the buffer when it exists
+        (offload.py refills a layer's buffers at every step)."""
+        if self.weight.device.type != "cpu" or not self.int8_activations:
+            return
+        sums = self.weight.sum(dim=1, dtype=torch.int32).float()
+        if self.weight_sums is None:
+            self.weight_sums = sums
+        else:
+            self.weight_sums.copy_(sums)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
-                                                   self.scales.to(KERNEL_DTYPE))
+        if self.weight_sums is not None:
+            y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y + self.bias if self.bias is not None else y
+
+
+def int8_activation_matmul(x, weight, weight_sums, scales):
+    """x [M, K] float @ weight [N, K] int8 (times scales [N]) -> [M, N] float32, with x quantized to uint8
+    per row: x ~ lo + step * q, q in 0..255. The product then is step * (q @ weight.T) + lo * weight_sums,
+    its integer part one `torch._int_mm` (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32
+    sums). Compiled, the quantizing fuses into the kernel that makes x (the norm before q/k/v, which share
+    one product, as do gate and up) and the rescaling into the kernel that uses the result."""
+    x = x.float()
+    lo, hi = x.aminmax(dim=-1, keepdim=True)
+    step = ((hi - lo) / 255).clamp(min=1e-12)
+    q = ((x - lo) / step).round().clamp(0, 255).to(torch.uint8)
+    # weight.t() as it is stored: oneDNN reads each output's row of K bytes, faster than a transposed copy
+    acc = torch._int_mm(q, weight.t())  # [M, N] int32
+    return (acc.float() * step + lo * weight_sums) * scales
 
 
 class Int4Linear(nn.Module):
@@ -135,7 +170,8 @@ def replace_linears(model: nn.Module, quantization: dict):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 if mode == "int8":
-                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, device="meta")
+                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, device="meta",
+                                     int8_activations="smoothing" in quantization)
                 else:
                     new = Int4Linear(child.in_features, child.out_features, child.bias is not None, groupsize,
                                      device="meta")
@@ -145,5 +181,5 @@ def replace_linears(model: nn.Module, quantization: dict):
 def prepare(model: nn.Module):
     """Repack every int4 layer for the kernels of the device its weights are on."""
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()

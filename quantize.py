@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 quantization (round-to-nearest or GPTQ) of nimblelm checkpoints.
+"""int8 and int4 weight quantization (round-to-nearest or GPTQ) of nimblelm checkpoints.
 
     python quantize.py --checkpoint DIR --mode int8 --out DIR-int8
     python quantize.py --checkpoint DIR --mode int4 --groupsize 32 --out DIR-int4
@@ -7,7 +7,8 @@
 The output is a checkpoint like any other (safetensors + config.json, which records the scheme under
 "quantization"); generate.py, eval.py and bench.py load it with no extra flag.
 
-- int8: symmetric, one scale per output channel: w = q * scale, q in [-127, 127].
+- int8: symmetric, one scale per output channel: w = q * scale, q in [-127, 127]; smoothed first
+  (SmoothQuant) on calibration text, so that the CPU's int8-activation kernels round little (qlinear.py).
 - int4: asymmetric, one scale and zero point per group of `groupsize` inputs: w = (q - 8) * scale + zero,
   q in [0, 15], stored two to a byte (even input index in the low nibble).
 - int4-gptq: the same format, with the rounding chosen by GPTQ (Frantar et al., 2022) on calibration text:
@@ -34,6 +35,9 @@ from errors import ArgumentParser, UsageError, run_command
 from qlinear import pack_int4
 
 MODES = ("int8", "int4", "int4-gptq")
+# SmoothQuant's migration strength for int8: the default model's perplexity with int8 activations was
+# closest to bfloat16's at 0.7, of 0.5, 0.6, 0.7 and 0.85 (BENCHMARKS.md)
+SMOOTHING = 0.7
 
 
 class QuantizationError(UsageError):
@@ -107,31 +111,90 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, groupsize: int, damp: floa
     return int4_state(Q, scale, lo)
 
 
-def collect_hessians(model, calibration_ids: torch.Tensor, window: int):
-    """2 X^T X of the inputs of every linear layer, over the calibration tokens in windows."""
-    hessians, counts, hooks = {}, {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            def hook(mod, inputs, output, name=name):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-                n = counts.get(name, 0)
-                h = hessians.get(name, torch.zeros(x.shape[1], x.shape[1]))
-                h *= n / (n + x.shape[0])
-                hessians[name] = h + (2 / (n + x.shape[0])) * x.t() @ x
-                counts[name] = n + x.shape[0]
-            hooks.append(module.register_forward_hook(hook))
+def calibration_ids(checkpoint: str, path, tokens: int) -> list:
+    """Token ids of the calibration text: the file at path, or else the end of Python's own help topics
+    (real English prose that every Python carries, and not the part that tests and benchmarks evaluate on)."""
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise QuantizationError(f"{path}: cannot read it as UTF-8 text ({e})")
+    else:
+        from pydoc_data.topics import topics
+        text = "\n\n".join(topics[k] for k in sorted(topics))[-(tokens * 10):]
+    ids = load_tokenizer(checkpoint).encode(text)[:tokens]
+    if len(ids) < 256:
+        raise QuantizationError(f"{path or 'the calibration text'}: too little text for calibration ({len(ids)} tokens)")
+    return ids
+
+
+def calibrate(model, ids: torch.Tensor, window: int, observe):
+    """Run the calibration tokens through the model in windows, calling observe(name, x [rows, in]) with
+    the input of every linear layer."""
+    hooks = [module.register_forward_hook(lambda mod, inputs, output, name=name:
+                                          observe(name, inputs[0].reshape(-1, inputs[0].shape[-1]).float()))
+             for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     model.setup_caches(1, window)
     with torch.no_grad():
-        for start in range(0, calibration_ids.numel() - 1, window):
-            chunk = calibration_ids[start:start + window][None]
+        for start in range(0, ids.numel() - 1, window):
+            chunk = ids[start:start + window][None]
             model(chunk, torch.arange(chunk.shape[1]))
     for h in hooks:
         h.remove()
+
+
+def collect_hessians(model, ids: torch.Tensor, window: int) -> dict:
+    """2 X^T X of the inputs of every linear layer, over the calibration tokens."""
+    hessians, counts = {}, {}
+
+    def observe(name, x):
+        n = counts.get(name, 0)
+        h = hessians.get(name, torch.zeros(x.shape[1], x.shape[1]))
+        h *= n / (n + x.shape[0])
+        hessians[name] = h + (2 / (n + x.shape[0])) * x.t() @ x
+        counts[name] = n + x.shape[0]
+    calibrate(model, ids, window, observe)
     return hessians
 
 
+def collect_input_ranges(model, ids: torch.Tensor, window: int) -> dict:
+    """The largest |input| of every linear layer per input channel, over the calibration tokens."""
+    ranges = {}
+
+    def observe(name, x):
+        m = x.abs().amax(dim=0)
+        ranges[name] = torch.maximum(ranges[name], m) if name in ranges else m
+    calibrate(model, ids, window, observe)
+    return ranges
+
+
+def smooth(model, ranges: dict, alpha: float = SMOOTHING):
+    """SmoothQuant (Xiao et al., 2022) for int8 activations: a few input channels of a layer carry values
+    far larger than the rest, and per-row rounding to 8 bits loses the others. Dividing input channel j by
+    s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) and multiplying the weight's column j by it leaves the
+    product unchanged and evens out the activations. The division folds into what makes the input: the
+    RMSNorm weight before q/k/v, before gate/up and before the output head, and the up projection's rows
+    before the down projection (silu(gate) * up / s = silu(gate) * (up / s))."""
+    def fold(source, linear, name):  # source: a norm's weight [in], or the rows [in, ...] that make the input
+        s = ranges[name].clamp(min=1e-5) ** alpha / linear.weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)
+        s = s.clamp(min=1e-2, max=1e2)  # an input never seen on calibration text keeps its scale
+        source.div_(s.view(-1, *[1] * (source.dim() - 1)))
+        linear.weight.mul_(s[None, :])
+
+    with torch.no_grad():
+        if model.output.weight is model.tok_embeddings.weight:  # the head gets its own copy: the embedding stays
+            model.output.weight = nn.Parameter(model.output.weight.clone())
+        for i, layer in enumerate(model.layers):
+            fold(layer.attention_norm.weight, layer.attention.wqkv, f"layers.{i}.attention.wqkv")
+            fold(layer.ffn_norm.weight, layer.feed_forward.w13, f"layers.{i}.feed_forward.w13")
+            up = layer.feed_forward.w13.weight.data[layer.feed_forward.intermediate_size:]
+            fold(up, layer.feed_forward.w2, f"layers.{i}.feed_forward.w2")
+        fold(model.norm.weight, model.output, "output")
+
+
 def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 32, calibration: str = None,
-                        calibration_tokens: int = 4096):
+                        calibration_tokens: int = 16384):
     from safetensors.torch import save_file
     if mode not in MODES:
         raise QuantizationError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
@@ -152,16 +215,13 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
                 raise QuantizationError(f"group size {groupsize} does not divide the input dimension "
                                         f"{m.in_features} of {name}")
     hessians = {}
-    if mode == "int4-gptq":
-        try:
-            with open(calibration, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise QuantizationError(f"{calibration}: cannot read it as UTF-8 text ({e})")
-        ids = load_tokenizer(checkpoint).encode(text)[:calibration_tokens]
-        if len(ids) < 256:
-            raise QuantizationError(f"{calibration}: too little text for calibration ({len(ids)} tokens)")
-        hessians = collect_hessians(model, torch.tensor(ids), window=min(512, model.args.max_seq_len))
+    if mode == "int4-gptq" or mode == "int8":
+        ids = torch.tensor(calibration_ids(checkpoint, calibration, calibration_tokens))
+        window = min(512, model.args.max_seq_len)
+        if mode == "int8":
+            smooth(model, collect_input_ranges(model, ids, window))
+        else:
+            hessians = collect_hessians(model, ids, window)
     from safetensors import safe_open
     with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as f:
         float_dtype = f.get_tensor("norm.weight").dtype  # the rest is kept in the checkpoint's dtype
@@ -182,7 +242,7 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
             state[name + ".weight"], state[name + ".scales_and_zeros"] = packed, sz
         print(f"\rquantizing {i + 1}/{len(linears)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    config["quantization"] = {"mode": "int8"} if mode == "int8" else {"mode": "int4", "groupsize": groupsize,
+    config["quantization"] = {"mode": "int8", "smoothing": SMOOTHING} if mode == "int8" else {"mode": "int4", "groupsize": groupsize,
                                                                        "method": "gptq" if mode == "int4-gptq" else "rtn"}
     with checkpoint_directory(out) as tmp:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -198,7 +258,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--mode", required=True, help="int8, int4 or int4-gptq")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
-    p.add_argument("--calibration", help="plain text for int4-gptq")
+    p.add_argument("--calibration", help="plain text for int4-gptq and int8's smoothing (default for int8: "
+                                         "Python's help topics)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.groupsize not in (32, 64, 128, 256):

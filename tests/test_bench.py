@@ -12,7 +12,7 @@ def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(ckpt),
                         "--dtypes", "float32", "--compile", "off", "--batch-sizes", "1,2", "--repeat", "2",
-                        "--max-new-tokens", "24", "--json", str(out)],
+                        "--max-new-tokens", "24", "--prefill-tokens", "48", "--json", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
@@ -23,13 +23,21 @@ def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
         low, high = row["tok_s_range"]
         assert 0 < low <= row["tok_s"] <= high
         assert row["bandwidth_gb_s"] > 0 and 0 < row["fraction_of_bandwidth"]
-    assert "round 2 of 2" in r.stdout and "% bw" in r.stdout
+    # the prefill column: batch-1 rows prefill a prompt of about --prefill-tokens in a process of their own
+    long = rows[("nimblelm", 1)]
+    assert long["prefill_tok_s"] > 0 and 40 <= long["prompt_tokens"] <= 48 and rows[("nimblelm", 2)]["prefill_tok_s"] is None
+    assert [(q["batch"], q["against"]) for q in result["ratios"]] == [(2, "batch 1")]
+    assert result["ratios"][0]["decode"] == rows[("nimblelm", 2)]["tok_s"] / long["tok_s"]
+    assert "round 2 of 2" in r.stdout and "% bw" in r.stdout and "vs batch 1: decode" in r.stdout
 
 
 def test_bench_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(tmp_path), "--no-hf"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "not a converted checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--gguf", str(tmp_path / "missing.gguf")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "missing.gguf: no such file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serving_benchmark_runs_every_mode(tmp_path_factory, tmp_path):
