@@ -7,8 +7,9 @@
 Which kernel runs:
 - int8 on the CPU, every row count: int8 activations too (W8A8). Each product rounds its input to uint8
   per row and multiplies in integers (`torch._int_mm`); quantize.py smooths the weights so that this
-  rounding costs little. Against the float product of the int8 weights, this was faster both for a decode
-  step's row and for a 512-token prompt (BENCHMARKS.md), so the weight-only kernel is not used here.
+  rounding costs little. This was faster than the weight-only kernel for a decode step's row, and than
+  the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). A checkpoint
+  quantized before smoothing runs weight-only, as int4 does:
 - int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
   a decode step; for a prompt of many rows, the weight dequantized and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
@@ -20,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The fused int4 CPU kernel is made for decoding: its time grows with every row, so beyond these many rows
-# dequantizing the weight once and using the float matmul is faster (crossover in BENCHMARKS.md).
+# The fused weight-only CPU kernels are made for decoding: their time grows with every row, so beyond these
+# many rows dequantizing the weight once and using the float matmul is faster (crossovers in BENCHMARKS.md).
+INT8_FUSED_MAX_ROWS = 16
 INT4_FUSED_MAX_ROWS = 128
-# The fused int4 CPU kernel is far slower in float32 than in bfloat16, so it runs in bfloat16 whatever the
-# model's dtype; the rounding of the layer's input and output is well below the quantized weights' error.
+# The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
+# whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
+# weights' error.
 KERNEL_DTYPE = torch.bfloat16
 
 
@@ -41,13 +44,17 @@ class Int8Linear(nn.Module):
         # each output channel's sum of its int8 weights, made by prepare() on the CPU: the activations' zero
         # point times it is what their offset adds to each output
         self.register_buffer("weight_sums", None, persistent=False)
+        # Where this layer sees a slice of each input row (a row-parallel layer under tensor parallelism),
+        # a function that widens each row's (min, max) to the whole row's, so that every rank rounds the
+        # row as one process would (tp.py sets it).
+        self.row_range = None
 
     def prepare(self):
         """On the CPU, the weight sums that int8_activation_matmul needs; into the buffer when it exists
         (offload.py refills a layer's buffers at every step)."""
         if self.weight.device.type != "cpu" or not self.int8_activations:
             return
-        sums = self.weight.sum(dim=1, dtype=torch.int32).float()
+        sums = self.weight.sum(dim=1, dtype=torch.int32)  # an integer: exact, and no cast of the model alters it
         if self.weight_sums is None:
             self.weight_sums = sums
         else:
@@ -55,21 +62,28 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         if self.weight_sums is not None:
-            y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales)
+            y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
+                                       self.row_range)
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        elif x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:  # an unsmoothed checkpoint
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
+                                                   self.scales.to(KERNEL_DTYPE))
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
 
-def int8_activation_matmul(x, weight, weight_sums, scales):
-    """x [M, K] float @ weight [N, K] int8 (times scales [N]) -> [M, N] float32, with x quantized to uint8
-    per row: x ~ lo + step * q, q in 0..255. The product then is step * (q @ weight.T) + lo * weight_sums,
-    its integer part one `torch._int_mm` (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32
-    sums). Compiled, the quantizing fuses into the kernel that makes x (the norm before q/k/v, which share
+def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None):
+    """x [M, K] float @ weight [N, K] int8, times scales [N] -> [M, N] float32, with x quantized to uint8
+    per row: x ~ lo + step * q, q in 0..255. The product then is step * (q @ weight.T) + lo * weight_sums
+    (weight_sums [N] int32: each output's sum of its weights), its integer part one `torch._int_mm`
+    (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32 sums). Compiled, the quantizing fuses into the kernel that makes x (the norm before q/k/v, which share
     one product, as do gate and up) and the rescaling into the kernel that uses the result."""
     x = x.float()
     lo, hi = x.aminmax(dim=-1, keepdim=True)
+    if row_range is not None:
+        lo, hi = row_range(lo, hi)
     step = ((hi - lo) / 255).clamp(min=1e-12)
     q = ((x - lo) / step).round().clamp(0, 255).to(torch.uint8)
     # weight.t() as it is stored: oneDNN reads each output's row of K bytes, faster than a transposed copy
@@ -155,12 +169,18 @@ def _cpu_layout_is_shuffle() -> bool:
 
 
 def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
-    """[out, in / 2] bytes -> [out, in] weights in dtype. Each group's scale and zero are broadcast over
-    its values rather than repeated to full size: this runs for every long prompt."""
+    """[out, in / 2] bytes -> [out, in] weights in dtype. This runs for every product of a long prompt, so
+    it makes few passes: each nibble goes straight into its place in the output, scaled and offset in the
+    output's dtype by its group's values, broadcast rather than repeated to full size."""
     out_features = packed.shape[0]
-    q = unpack_int4(packed).view(out_features, -1, groupsize).float()  # [out, groups, groupsize]
     scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
-    return (q * scale[..., None] + (zero - 8 * scale)[..., None]).view(out_features, -1).to(dtype)
+    offset = (zero - 8 * scale).to(dtype)[..., None]
+    scale = scale.to(dtype)[..., None]
+    p = packed.view(out_features, -1, groupsize // 2)  # [out, groups, groupsize / 2]
+    w = torch.empty(*p.shape, 2, dtype=dtype, device=packed.device)  # [..., even / odd input]
+    torch.addcmul(offset, (p & 0xF).to(dtype), scale, out=w[..., 0])
+    torch.addcmul(offset, (p >> 4).to(dtype), scale, out=w[..., 1])
+    return w.view(out_features, -1)
 
 
 def replace_linears(model: nn.Module, quantization: dict):
@@ -179,7 +199,8 @@ def replace_linears(model: nn.Module, quantization: dict):
 
 
 def prepare(model: nn.Module):
-    """Repack every int4 layer for the kernels of the device its weights are on."""
+    """Give every quantized layer what its kernels need on the device its weights are on: int4's repacked
+    weights, int8's weight sums."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()

@@ -170,15 +170,24 @@ def read_shard(f, name: str, args, layout: Layout, quantization=None) -> torch.T
 
 
 def add_all_reduces(model, group):
-    """Sum the partial outputs of each rank's attention and MLP slices over the stage's group."""
+    """Sum the partial outputs of each rank's attention and MLP slices over the stage's group. Row-parallel
+    int8 layers that round their input to 8 bits (qlinear.int8_activation_matmul) first agree on each
+    row's range, so that their rounding is one process's."""
     import torch.distributed._functional_collectives as funcol
 
     def all_reduce(module, inputs, output):
         return funcol.all_reduce(output, "sum", group)
 
+    def row_range(lo, hi):  # [rows, 1] each: the smallest and largest of each row's slices
+        both = funcol.all_reduce(torch.cat([-lo, hi], dim=-1), "max", group)
+        return -both[:, :1], both[:, 1:]
+
     for layer in model.layers:
         layer.attention.register_forward_hook(all_reduce)
         layer.feed_forward.register_forward_hook(all_reduce)
+        for row_parallel in (layer.attention.wo, layer.feed_forward.w2):
+            if getattr(row_parallel, "weight_sums", None) is not None:
+                row_parallel.row_range = row_range
 
 
 def shared_seed(seed, device: torch.device) -> int:

@@ -47,13 +47,18 @@ def test_quantized_linear_layers_against_float_reference(rows, dtype):
     int8.weight, int8.scales = Q.quantize_int8(w)
     int8.bias = nn.Parameter(bias)
     int8.prepare()
+    weight_only = qlinear.Int8Linear(128, 96, bias=True, int8_activations=False)  # a checkpoint before smoothing
+    weight_only.weight, weight_only.scales, weight_only.bias = int8.weight, int8.scales, int8.bias
+    weight_only.prepare()
     int4 = qlinear.Int4Linear(128, 96, bias=True, groupsize=32)
     int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
     int4.bias = nn.Parameter(bias)
     int4.prepare()
     # int8 rounds its input to 8 bits; int4's kernel takes it in bfloat16 even for a float32 model
     tol = 1e-2 if dtype == torch.float32 else 0.15
+    assert int8.weight_sums is not None and weight_only.weight_sums is None
     for layer, deq in ((int8, int8.weight.float() * int8.scales[:, None]),
+                       (weight_only, int8.weight.float() * int8.scales[:, None]),
                        (int4, qlinear.dequantize_int4(int4.weight, int4.scales_and_zeros, 32))):
         layer.to(dtype)
         expected = torch.nn.functional.linear(x.float(), deq, bias)
@@ -70,7 +75,7 @@ def test_int8_activation_matmul_against_float64_arithmetic(rows):
     x = torch.randn(rows, 128) * 3 + torch.randn(rows, 1)  # rows off centre: the zero point matters
     x[0] = 0.25  # a constant row: nothing to round
     q, scales = Q.quantize_int8(w)
-    got = qlinear.int8_activation_matmul(x, q, q.sum(dim=1, dtype=torch.int32).float(), scales).double()
+    got = qlinear.int8_activation_matmul(x, q, q.sum(dim=1, dtype=torch.int32), scales).double()
     lo, hi = x.aminmax(dim=-1, keepdim=True)
     step = ((hi - lo) / 255).clamp(min=1e-12)
     xq = lo.double() + step.double() * ((x - lo) / step).round().double()  # the input as the layer rounds it
