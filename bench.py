@@ -15,8 +15,9 @@ process: the prefill column.
 
 Where `llama-cpp-python` is installed (an optional extra: `pip install llama-cpp-python` builds llama.cpp
 from source), llama.cpp runs in the same rounds on GGUFs of the same weights at the formats nearest ours:
-BF16 (for float weights), Q8_0 (int8) and Q4_0 (int4). For the default model these are requantized by
-llama.cpp from the model's published GGUF, once; for other checkpoints give them with --gguf. The ratios
+BF16 (for float weights), Q8_0 (int8) and Q4_0 (int4). When the first checkpoint is the default model's
+(its quantized copies may follow), these are requantized by llama.cpp from the model's published GGUF,
+once; for other checkpoints give them with --gguf. The ratios
 printed last are of medians from the same rounds: each of our rows against our bfloat16, against
 llama.cpp's nearest format, and batch N against batch 1.
 
@@ -35,7 +36,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import (DEFAULT_NAME, build_on_meta, default_checkpoint, default_gguf, load_model, load_tokenizer,
-                        read_config, weight_bytes_per_token)
+                        nimblelm_cache, read_config, weight_bytes_per_token)
 from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs, Transformer
 
@@ -283,7 +284,7 @@ def main(argv=None):
                         for c in a.compile.split(",") for batch in map(int, a.batch_sizes.split(","))]
             if not a.no_hf and not scheme[checkpoint]:
                 configs.append(("transformers eager", checkpoint, dtype, False, 1, weight_mb))
-    for path in peer_ggufs(a, device):
+    for path in peer_ggufs(a, device, checkpoints):
         configs.append(("llama.cpp", path, gguf_type(path), False, 1, os.path.getsize(path) / 1e6))
     runs = {c: [] for c in configs}
     for round_ in range(a.repeat):
@@ -337,14 +338,18 @@ def quantization(checkpoint) -> str:
     return "" if not q else q["mode"] + (f" g{q['groupsize']}" if q.get("groupsize") else "")
 
 
-def peer_ggufs(a, device) -> list:
-    """The GGUFs llama.cpp runs: --gguf's, or the default model's where it is benchmarked on the CPU and
-    llama-cpp-python is installed."""
+def peer_ggufs(a, device, checkpoints) -> list:
+    """The GGUFs llama.cpp runs: --gguf's, or the default model's where it is the first checkpoint
+    benchmarked (its quantized copies may follow), on the CPU, and llama-cpp-python is installed."""
     if a.gguf is not None:
         if a.gguf:
-            import llama_cpp  # noqa: F401 (a clear error before any run)
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                raise UsageError("--gguf runs llama.cpp: pip install llama-cpp-python (it builds from source)")
         return a.gguf
-    if a.checkpoint or a.shape or device.type != "cpu":
+    default = os.path.join(nimblelm_cache(), DEFAULT_NAME)
+    if a.shape or device.type != "cpu" or os.path.realpath(checkpoints[0]) != os.path.realpath(default):
         return []
     try:
         import llama_cpp  # noqa: F401
@@ -382,7 +387,7 @@ def print_ratios(rows) -> list:
                 continue
             ratio = {"weights": weights, "dtype": dtype, "compiled": compiled, "batch": batch, "against": against,
                      "decode": r["tok_s"] / other["tok_s"]}
-            if batch == 1 and r["prefill_tok_s"] and other["prefill_tok_s"] and against != "batch 1":
+            if r["prefill_tok_s"] and other["prefill_tok_s"]:  # batch-1 rows have one
                 ratio["prefill"] = r["prefill_tok_s"] / other["prefill_tok_s"]
             ratios.append(ratio)
             prefill = f", prefill {ratio['prefill']:.2f}x" if "prefill" in ratio else ""
