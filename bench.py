@@ -297,7 +297,8 @@ def main(argv=None):
             elif engine == "transformers eager":
                 r = hf_baseline(checkpoint, device, getattr(torch, dtype), a.max_new_tokens)
             else:
-                r = dict(run_generate(checkpoint, a.device, dtype, compiled, batch, a.max_new_tokens), prefill_tok_s=None)
+                r = run_generate(checkpoint, a.device, dtype, compiled, batch, a.max_new_tokens)
+                r["prefill_tok_s"] = None
                 if batch == 1 and prefill_prompt:  # a process of its own: the prompt's length sets the cache's
                     long = run_generate(checkpoint, a.device, dtype, compiled, 1, 1, prefill_prompt)
                     r.update(prompt_tokens=long["prompt_tokens"], prefill_tok_s=long["prefill_tok_s"])

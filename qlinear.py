@@ -78,8 +78,9 @@ def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None):
     """x [M, K] float @ weight [N, K] int8, times scales [N] -> [M, N] float32, with x quantized to uint8
     per row: x ~ lo + step * q, q in 0..255. The product then is step * (q @ weight.T) + lo * weight_sums
     (weight_sums [N] int32: each output's sum of its weights), its integer part one `torch._int_mm`
-    (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32 sums). Compiled, the quantizing fuses into the kernel that makes x (the norm before q/k/v, which share
-    one product, as do gate and up) and the rescaling into the kernel that uses the result."""
+    (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32 sums). Compiled, the quantizing fuses
+    into the kernel that makes x (the norm before q/k/v, which share one product, as do gate and up) and
+    the rescaling into the kernel that uses the result."""
     x = x.float()
     lo, hi = x.aminmax(dim=-1, keepdim=True)
     if row_range is not None:

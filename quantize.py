@@ -36,7 +36,7 @@ from qlinear import pack_int4
 
 MODES = ("int8", "int4", "int4-gptq")
 # SmoothQuant's migration strength for int8: the default model's perplexity with int8 activations was
-# closest to bfloat16's at 0.7, of 0.5, 0.6, 0.7 and 0.85 (BENCHMARKS.md)
+# closest to bfloat16's at 0.7, of 0.5, 0.6, 0.7, 0.75, 0.8 and 0.85 (BENCHMARKS.md)
 SMOOTHING = 0.7
 
 
@@ -125,7 +125,8 @@ def calibration_ids(checkpoint: str, path, tokens: int) -> list:
         text = "\n\n".join(topics[k] for k in sorted(topics))[-(tokens * 10):]
     ids = load_tokenizer(checkpoint).encode(text)[:tokens]
     if len(ids) < 256:
-        raise QuantizationError(f"{path or 'the calibration text'}: too little text for calibration ({len(ids)} tokens)")
+        raise QuantizationError(f"{path or 'the calibration text'}: too little text for calibration "
+                                f"({len(ids)} tokens)")
     return ids
 
 
@@ -242,8 +243,9 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
             state[name + ".weight"], state[name + ".scales_and_zeros"] = packed, sz
         print(f"\rquantizing {i + 1}/{len(linears)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    config["quantization"] = {"mode": "int8", "smoothing": SMOOTHING} if mode == "int8" else {"mode": "int4", "groupsize": groupsize,
-                                                                       "method": "gptq" if mode == "int4-gptq" else "rtn"}
+    config["quantization"] = ({"mode": "int8", "smoothing": SMOOTHING} if mode == "int8" else
+                              {"mode": "int4", "groupsize": groupsize,
+                               "method": "gptq" if mode == "int4-gptq" else "rtn"})
     with checkpoint_directory(out) as tmp:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         for f in os.listdir(checkpoint):
