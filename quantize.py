@@ -36,7 +36,7 @@ from qlinear import pack_int4
 
 MODES = ("int8", "int4", "int4-gptq")
 # SmoothQuant's migration strength for int8: the default model's perplexity with int8 activations was
-# closest to bfloat16's at 0.7, of 0.5, 0.6, 0.7, 0.75, 0.8 and 0.85 (BENCHMARKS.md)
+# closest to bfloat16's at 0.7, of 0.5, 0.6, 0.65, 0.7, 0.75, 0.8 and 0.85 (BENCHMARKS.md)
 SMOOTHING = 0.7
 
 
