@@ -17,14 +17,15 @@ Where `llama-cpp-python` is installed (an optional extra: `pip install llama-cpp
 from source), llama.cpp runs in the same rounds on GGUFs of the same weights at the formats nearest ours:
 BF16 (for float weights), Q8_0 (int8) and Q4_0 (int4). When the first checkpoint is the default model's
 (its quantized copies may follow), these are requantized by llama.cpp from the model's published GGUF,
-once; for other checkpoints give them with --gguf. The ratios
-printed last are of medians from the same rounds: each of our rows against our bfloat16, against
-llama.cpp's nearest format, and batch N against batch 1.
+once; for other checkpoints give them with --gguf. The ratios printed last are of medians from the same
+rounds: each of our rows against our bfloat16, against llama.cpp's nearest format, and batch N against
+batch 1.
 
 Shared machines drift by tens of percent within minutes, so with --repeat N the whole matrix runs N times,
 one round after the other, and each row reports its median (and the range): every configuration sees the
 same drift, and their ratios hold where single timings do not.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,8 +36,8 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import (DEFAULT_NAME, build_on_meta, default_checkpoint, default_gguf, load_model, load_tokenizer,
-                        nimblelm_cache, read_config, weight_bytes_per_token)
+from checkpoint import (DEFAULT_NAME, build_on_meta, default_checkpoint, default_checkpoint_dir, default_gguf,
+                        load_model, load_tokenizer, read_config, weight_bytes_per_token)
 from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs, Transformer
 
@@ -342,21 +343,15 @@ def quantization(checkpoint) -> str:
 def peer_ggufs(a, device, checkpoints) -> list:
     """The GGUFs llama.cpp runs: --gguf's, or the default model's where it is the first checkpoint
     benchmarked (its quantized copies may follow), on the CPU, and llama-cpp-python is installed."""
-    if a.gguf is not None:
+    if a.gguf == [] or a.gguf is None and (
+            a.shape or device.type != "cpu"
+            or os.path.realpath(checkpoints[0]) != os.path.realpath(default_checkpoint_dir())):
+        return []
+    if importlib.util.find_spec("llama_cpp") is None:
         if a.gguf:
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                raise UsageError("--gguf runs llama.cpp: pip install llama-cpp-python (it builds from source)")
-        return a.gguf
-    default = os.path.join(nimblelm_cache(), DEFAULT_NAME)
-    if a.shape or device.type != "cpu" or os.path.realpath(checkpoints[0]) != os.path.realpath(default):
+            raise UsageError("--gguf runs llama.cpp: pip install llama-cpp-python (it builds from source)")
         return []
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return []
-    return list(default_model_ggufs().values())
+    return a.gguf or list(default_model_ggufs().values())
 
 
 def print_table(rows, with_range):

@@ -274,9 +274,14 @@ def nimblelm_cache() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nimblelm")
 
 
+def default_checkpoint_dir() -> str:
+    """Where the default model's checkpoint is (or will be, once default_checkpoint() has made it)."""
+    return os.path.join(nimblelm_cache(), DEFAULT_NAME)
+
+
 def default_checkpoint() -> str:
     """The default model's converted checkpoint, converted from its GGUF on first use."""
-    target = os.path.join(nimblelm_cache(), DEFAULT_NAME)
+    target = default_checkpoint_dir()
     if os.path.exists(os.path.join(target, "model.safetensors")):
         return target
     gguf_path = default_gguf()

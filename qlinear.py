@@ -9,7 +9,7 @@ Which kernel runs:
   per row and multiplies in integers (`torch._int_mm`); quantize.py smooths the weights so that this
   rounding costs little. This was faster than the weight-only kernel for a decode step's row, and than
   the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). A checkpoint
-  quantized before smoothing runs weight-only, as int4 does:
+  quantized before smoothing runs weight-only, as int4 does.
 - int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
   a decode step; for a prompt of many rows, the weight dequantized and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).

@@ -216,7 +216,7 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
                 raise QuantizationError(f"group size {groupsize} does not divide the input dimension "
                                         f"{m.in_features} of {name}")
     hessians = {}
-    if mode == "int4-gptq" or mode == "int8":
+    if mode in ("int8", "int4-gptq"):
         ids = torch.tensor(calibration_ids(checkpoint, calibration, calibration_tokens))
         window = min(512, model.args.max_seq_len)
         if mode == "int8":
