@@ -62,12 +62,67 @@ def inductor_options(device: torch.device) -> Optional[dict]:
     size limit (2048) would leave out the largest weight of all, the output head: PyTorch reads that
     limit from a module variable, not from the per-compilation settings, so it is raised there. That
     changes nothing for compilations that do not turn the pass on.
+
+    The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
+    few queries becomes Inductor's own loops (few_query_attention_pass), and the Python wrapper does not
+    re-check the sizes and strides of the graph's inputs and of every kernel's output (our graphs are
+    fixed, and Dynamo still checks the inputs that can change).
     """
     if device.type != "cpu":
         return None
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
-    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False,
+            "pre_grad_custom_pass": few_query_attention_pass()}
+
+
+# The most query rows per key/value head that few_query_attention_pass compiles into loops: a decode step has
+# n_heads / n_kv_heads of them per row, a speculative verify step k + 1 times that.
+FEW_QUERIES = 16
+
+
+def few_query_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False):
+    """scaled_dot_product_attention written as sums and a softmax in float32, for Inductor to compile into
+    loops: query [B, H, S, D] with S small, key/value [B, H, L, D], attn_mask [B or 1, 1 or H, S, L] (bool:
+    True attends; or float: added to the scores). The pass below only calls it without dropout or
+    is_causal, and with as many key/value heads as query heads."""
+    scores = (query.float().unsqueeze(-2) * key.float().unsqueeze(-3)).sum(-1)  # (B, H, S, L)
+    scores = scores * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.unsqueeze(-1) * value.float().unsqueeze(-3)).sum(-2).to(query.dtype)  # (B, H, S, D)
+
+
+def few_query_attention_pass():
+    """An Inductor pass over the traced step (a CustomGraphPass) that swaps scaled_dot_product_attention
+    for few_query_attention where the queries are few: a decode step's.
+
+    PyTorch's flash-attention kernel for the CPU costs tens of microseconds a call however little it has
+    to do, and a decode step calls it once per layer over a handful of query rows. Written as sums, the
+    same attention becomes Inductor's loops, fused with the RoPE and cache update before it, with no call
+    out of the compiled code. Prompts (many queries, or a symbolic number) keep the kernel. The pass has
+    a uuid (this file's hash), so Inductor's caches tell its graphs from those compiled without it. (Made
+    here, not at import: importing Inductor takes a second that eager decoding need not pay.)"""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class FewQueryAttention(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph):
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            for node in graph.nodes:
+                if node.op != "call_function" or node.target is not torch._C._nn.scaled_dot_product_attention:
+                    continue
+                args = dict(zip(names, node.args), **node.kwargs)
+                q, k = (getattr(args.get(name), "meta", {}).get("example_value") for name in ("query", "key"))
+                if (q is not None and k is not None and isinstance(q.shape[-2], int) and q.shape[-2] <= FEW_QUERIES
+                        and k.shape[1] == q.shape[1] and not args.get("dropout_p") and not args.get("is_causal")):
+                    node.target = few_query_attention
+
+        def uuid(self):
+            return get_hash_for_files((__file__,))
+
+    return FewQueryAttention()
 
 
 class Steps:
@@ -94,8 +149,9 @@ class Steps:
         Steps' graphs never serve another model (a draft beside its target, say). That is what lets a
         call skip re-checking the model's weights: a guard on each module and tensor costs most of a
         millisecond per step on the CPU, a tenth of a small model's step. The KV caches and RoPE tables are
-        still checked (setup_caches may resize them); a weight replaced by one of another shape after
-        compiling is caught by Inductor's size checks on its inputs, not recompiled for."""
+        still checked (setup_caches may resize them). Nothing re-checks the weights' shapes, either
+        (inductor_options turns Inductor's checks off): a model whose layers change shape after compiling
+        needs a new Steps."""
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)

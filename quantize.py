@@ -170,17 +170,27 @@ def collect_input_ranges(model, ids: torch.Tensor, window: int) -> dict:
     return ranges
 
 
-def smooth(model, ranges: dict, alpha: float = SMOOTHING):
+def smooth(model, ranges: dict, alpha: float = SMOOTHING, dtype: torch.dtype = torch.float32):
     """SmoothQuant (Xiao et al., 2022) for int8 activations: a few input channels of a layer carry values
     far larger than the rest, and per-row rounding to 8 bits loses the others. Dividing input channel j by
     s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) and multiplying the weight's column j by it leaves the
     product unchanged and evens out the activations. The division folds into what makes the input: the
     RMSNorm weight before q/k/v, before gate/up and before the output head, and the up projection's rows
-    before the down projection (silu(gate) * up / s = silu(gate) * (up / s))."""
+    before the down projection (silu(gate) * up / s = silu(gate) * (up / s)).
+
+    The norms' weights are stored in `dtype` (the checkpoint's): each is rounded to it first, and the
+    weight's column takes the factor the rounded norm weight implies, so the product stays exact. (Rounded
+    after smoothing instead, they decided whether int8 stays within 1% of bfloat16's perplexity: see
+    BENCHMARKS.md.)"""
     def fold(source, linear, name):  # source: a norm's weight [in], or the rows [in, ...] that make the input
         s = ranges[name].clamp(min=1e-5) ** alpha / linear.weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)
         s = s.clamp(min=1e-2, max=1e2)  # an input never seen on calibration text keeps its scale
-        source.div_(s.view(-1, *[1] * (source.dim() - 1)))
+        if source.dim() == 1:
+            rounded = (source / s).to(dtype).float()
+            s = torch.where(rounded != 0, source / rounded, s)
+            source.copy_(rounded)
+        else:  # rows that are quantized themselves: their rounding is the int8 grid's
+            source.div_(s[:, None])
         linear.weight.mul_(s[None, :])
 
     with torch.no_grad():
@@ -215,17 +225,17 @@ def quantize_checkpoint(checkpoint: str, out: str, mode: str, groupsize: int = 3
             if m.in_features % groupsize:
                 raise QuantizationError(f"group size {groupsize} does not divide the input dimension "
                                         f"{m.in_features} of {name}")
+    from safetensors import safe_open
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as f:
+        float_dtype = f.get_tensor("norm.weight").dtype  # the rest is kept in the checkpoint's dtype
     hessians = {}
     if mode in ("int8", "int4-gptq"):
         ids = torch.tensor(calibration_ids(checkpoint, calibration, calibration_tokens))
         window = min(512, model.args.max_seq_len)
         if mode == "int8":
-            smooth(model, collect_input_ranges(model, ids, window))
+            smooth(model, collect_input_ranges(model, ids, window), dtype=float_dtype)
         else:
             hessians = collect_hessians(model, ids, window)
-    from safetensors import safe_open
-    with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as f:
-        float_dtype = f.get_tensor("norm.weight").dtype  # the rest is kept in the checkpoint's dtype
     state = {}
     for name, t in model.state_dict().items():
         module_name = name.rsplit(".", 1)[0]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import decode as G
 from checkpoint import load_model
@@ -134,6 +135,55 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny):
         run(model, prompt, 2, steps=steps)  # compiles
         with torch.compiler.set_stance("fail_on_recompile"):  # other attended lengths reuse the graph
             assert run(model, prompt, 12, steps=steps) == eager
+    finally:
+        model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_query_attention_equals_sdpa(dtype):
+    """The decode step's attention as sums (what the CPU compiles) against PyTorch's kernel, both against
+    float64: K/V read as a slice of a longer cache, a causal bool mask per row, and the additive form."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 6, 16, generator=g).to(dtype)  # (B, H, S, D): 2 rows, 3 heads, 6 query rows
+    cache = torch.randn(2, 3, 64, 32, generator=g).to(dtype)
+    k, v = cache[:, :, :40, :16], cache[:, :, :40, 16:]
+    pos = torch.tensor([30, 5])[:, None] + torch.arange(6)  # each row's query positions, (B, S)
+    mask = (torch.arange(40) <= pos[:, :, None]).unsqueeze(1)  # (B, 1, S, L)
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for m in (mask, additive):
+        ours = G.few_query_attention(q, k, v, attn_mask=m)
+        assert ours.dtype == dtype and ours.shape == q.shape
+        torch.testing.assert_close(ours.double(), reference, atol=tol, rtol=0)
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=m).double(), reference,
+                                   atol=tol, rtol=0)
+
+
+def test_attention_pass_swaps_decode_steps_only(tiny):
+    """The CPU pass gives a decode step (few queries) few_query_attention and leaves a prompt's (many
+    queries) to the kernel; the swapped step decodes as the eager one does."""
+    _, model, _ = tiny
+    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
+    seen = []
+
+    def backend(gm, example_inputs):  # the pass alone, over Dynamo's graph, without Inductor
+        G.few_query_attention_pass()(gm.graph)
+        seen.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        gm.recompile()
+        return gm.forward
+
+    try:
+        prompt = list(range(1, 41))
+        eager = run(model, prompt, 8)
+        steps = Steps(model)
+        steps.prefill = torch.compile(lambda *a: G.prefill(*a), backend=backend, fullgraph=True)
+        steps.decode = torch.compile(lambda *a: G.decode_step(*a), backend=backend, fullgraph=True)
+        assert run(model, prompt, 8, steps=steps) == eager
+        prompt_graph, step_graph = seen
+        sdpa = torch._C._nn.scaled_dot_product_attention
+        assert sdpa in prompt_graph and G.few_query_attention not in prompt_graph
+        assert G.few_query_attention in step_graph and sdpa not in step_graph
     finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 

@@ -148,7 +148,7 @@ def test_default_model_in_two_stages(default_checkpoint, tmp_path):
     micro-batch (its kernels round by the number of rows as well as by threads)."""
     from quantize import quantize_checkpoint
     quantize_checkpoint(default_checkpoint, str(tmp_path / "int8"), "int8")
-    prompts = ["What is the capital of France?", "Name one colour.", "Say hello."]
+    prompts = ["What is the capital of France?", "Name a fruit.", "Say hello."]
     for ckpt, counts in ((default_checkpoint, (1, 2, 3)), (tmp_path / "int8", (1,))):
         cli = ["generate.py", "--checkpoint", str(ckpt), "--chat", "--max-new-tokens", "40", "--json"]
         cli += [a for p in prompts for a in ("--prompt", p)]

@@ -87,6 +87,22 @@ def test_int8_activation_matmul_against_float64_arithmetic(rows):
     assert ((got - x.double() @ wq.t()).abs() <= bound + 1e-4).all()
 
 
+def test_smoothing_keeps_the_float_model_with_norms_rounded_to_bfloat16(tiny_checkpoint):
+    """SmoothQuant's rescaling leaves the unquantized model's logits as they were, with the norms' weights
+    rounded to bfloat16, as a bfloat16 checkpoint stores them."""
+    model = load_model(str(tiny_checkpoint))  # float32
+    tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3))
+    model.setup_caches(1, 32)
+    before = model(tokens, torch.arange(24))
+    Q.smooth(model, Q.collect_input_ranges(model, tokens[0], 32), dtype=torch.bfloat16)
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert len(norms) == 2 * len(model.layers) + 1
+    assert all(torch.equal(p, p.to(torch.bfloat16).float()) for p in norms)
+    assert not all(torch.equal(p, torch.ones_like(p)) for p in norms)  # the factors were folded in
+    model.setup_caches(1, 32)
+    torch.testing.assert_close(model(tokens, torch.arange(24)), before, rtol=1e-4, atol=1e-4)
+
+
 def test_gptq_lowers_the_reconstruction_error():
     torch.manual_seed(0)
     # correlated inputs, as real activations are: that is what GPTQ exploits
