@@ -51,7 +51,7 @@ def decode_step(model, token, input_pos, left_pad, kv_len, temperature, top_k, t
     return sample(logits[:, -1], temperature, top_k, top_p)
 
 
-def inductor_options(device: torch.device) -> Optional[dict]:
+def inductor_options(device: torch.device, loop_attention: bool = True) -> Optional[dict]:
     """Inductor settings for our compiled steps, passed to torch.compile so that they apply to these
     compilations only.
 
@@ -64,16 +64,18 @@ def inductor_options(device: torch.device) -> Optional[dict]:
     changes nothing for compilations that do not turn the pass on.
 
     The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
-    few queries becomes Inductor's own loops (few_query_attention_pass), and the Python wrapper does not
-    re-check the sizes and strides of the graph's inputs and of every kernel's output (our graphs are
-    fixed, and Dynamo still checks the inputs that can change).
+    few queries becomes Inductor's own loops (few_query_attention_pass; loop_attention=False keeps the
+    kernel), and the Python wrapper does not re-check the sizes and strides of the graph's inputs and of
+    every kernel's output (our graphs are fixed, and Dynamo still checks the inputs that can change).
     """
     if device.type != "cpu":
         return None
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
-    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False,
-            "pre_grad_custom_pass": few_query_attention_pass()}
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False}
+    if loop_attention:
+        options["pre_grad_custom_pass"] = few_query_attention_pass()
+    return options
 
 
 # The most query rows per key/value head that few_query_attention_pass compiles into loops: a decode step has
@@ -141,9 +143,11 @@ class Steps:
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
-    def compiled(self, fn, **kwargs):
+    def compiled(self, fn, loop_attention: bool = True, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
-        the whole step as one launch, so its many small kernels cost no host time.
+        the whole step as one launch, so its many small kernels cost no host time. loop_attention: see
+        inductor_options (for steps over a static KV cache; a paged cache's gathered keys and values
+        would be gathered again for every query row inside the loops).
 
         Each call compiles its own copy of fn: torch.compile keeps graphs per code object, so this
         Steps' graphs never serve another model (a draft beside its target, say). That is what lets a
@@ -155,7 +159,7 @@ class Steps:
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
-        options = dict(inductor_options(self.device), guard_filter_fn=weights_unguarded)
+        options = dict(inductor_options(self.device, loop_attention), guard_filter_fn=weights_unguarded)
         return torch.compile(fn, options=options, fullgraph=True, **kwargs)
 
 

@@ -123,7 +123,9 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         # Decode batches are padded to these sizes: one compiled graph each.
         self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
-        self.decode_fn = Steps(model).compiled(paged_logits) if compile else paged_logits
+        # Attention keeps PyTorch's kernel: it reads the gathered K/V once, where Inductor's loops over a
+        # few queries (decode.inductor_options) would gather them again for each query row.
+        self.decode_fn = Steps(model).compiled(paged_logits, loop_attention=False) if compile else paged_logits
         self.compiled = compile
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.seqs, self.streams, self.pending, self.groups = {}, {}, [], {}
