@@ -159,7 +159,7 @@ class Steps:
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
-        options = dict(inductor_options(self.device, loop_attention), guard_filter_fn=weights_unguarded)
+        options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=weights_unguarded)
         return torch.compile(fn, options=options, fullgraph=True, **kwargs)
 
 
