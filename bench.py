@@ -275,7 +275,8 @@ def main(argv=None):
     print(f"{name}: measured read bandwidth {bandwidth:.1f} GB/s; checkpoints: {a.shape or ', '.join(checkpoints)}",
           flush=True)
 
-    scheme = {checkpoint: quantization(checkpoint) for checkpoint in checkpoints}  # "" for float weights
+    # what each row's weights are: our quantization ("" for float weights) or a GGUF's tensor type
+    scheme = {checkpoint: quantization(checkpoint) for checkpoint in checkpoints}
     prefill_prompt = long_prompt(checkpoints[0], a.prefill_tokens) if a.prefill_tokens else None
     configs = []  # (engine, checkpoint or GGUF, dtype, compiled, batch, weight MB)
     for checkpoint in checkpoints:
@@ -286,7 +287,8 @@ def main(argv=None):
             if not a.no_hf and not scheme[checkpoint]:
                 configs.append(("transformers eager", checkpoint, dtype, False, 1, weight_mb))
     for path in peer_ggufs(a, device, checkpoints):
-        configs.append(("llama.cpp", path, gguf_type(path), False, 1, os.path.getsize(path) / 1e6))
+        scheme[path] = gguf_type(path)
+        configs.append(("llama.cpp", path, scheme[path], False, 1, os.path.getsize(path) / 1e6))
     runs = {c: [] for c in configs}
     for round_ in range(a.repeat):
         if a.repeat > 1:
@@ -305,7 +307,7 @@ def main(argv=None):
                     r.update(prompt_tokens=long["prompt_tokens"], prefill_tok_s=long["prefill_tok_s"])
             if r:
                 runs[c].append(r)
-                weights = dtype if engine == "llama.cpp" else scheme[checkpoint] or dtype
+                weights = scheme[checkpoint] or dtype
                 label = f"{'compiled' if compiled else 'eager'} batch {batch}" if engine == "nimblelm" else ""
                 print(f"  {engine} {weights} {label} ({checkpoint}): {r['tok_s']:.1f} tok/s", flush=True)
     rows = []
@@ -314,7 +316,7 @@ def main(argv=None):
             continue  # no baseline for this model
         results.sort(key=lambda r: r["steps_s"])
         row = dict(results[len(results) // 2], weight_mb=weight_mb, dtype=dtype, compiled=compiled, engine=engine,
-                   batch=batch, weights=dtype if engine == "llama.cpp" else scheme[checkpoint] or dtype,
+                   batch=batch, weights=scheme[checkpoint] or dtype,
                    checkpoint=checkpoint, tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]])
         prefills = sorted(r["prefill_tok_s"] for r in results if r.get("prefill_tok_s"))
         row["prefill_tok_s"] = prefills[len(prefills) // 2] if prefills else None
