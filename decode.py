@@ -139,11 +139,11 @@ class Steps:
         self.device = model.dtype_device()[1]
         self.prefill, self.decode = self.prefill_fn, self.decode_fn
         if compile:
-            self.decode = self.compiled(self.decode_fn)
+            self.decode = self.compiled(self.decode_fn, freeze=freezes_weights(model))
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
-    def compiled(self, fn, loop_attention: bool = True, **kwargs):
+    def compiled(self, fn, loop_attention: bool = True, freeze: bool = False, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
         the whole step as one launch, so its many small kernels cost no host time. loop_attention: see
         inductor_options (for steps over a static KV cache; a paged cache's gathered keys and values
@@ -155,12 +155,41 @@ class Steps:
         millisecond per step on the CPU, a tenth of a small model's step. The KV caches and RoPE tables are
         still checked (setup_caches may resize them). Nothing re-checks the weights' shapes, either
         (inductor_options turns Inductor's checks off): a model whose layers change shape after compiling
-        needs a new Steps."""
+        needs a new Steps.
+
+        freeze: compile the model's weights into the graph as constants (Inductor's freezing), which on
+        the CPU stores each float linear layer's weight packed into oneDNN's blocked layout (see
+        freezes_weights). The graph then no longer reads the model's weights: changing them after
+        compiling changes nothing."""
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
         options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=weights_unguarded)
-        return torch.compile(fn, options=options, fullgraph=True, **kwargs)
+        step = torch.compile(fn, options=options, fullgraph=True, **kwargs)
+        if not freeze:
+            return step
+        from torch._inductor import config
+
+        def frozen(*args):
+            # Dynamo reads the setting as it traces (weights become graph constants), Inductor as it
+            # compiles; torch.compile's per-compilation options reach only the second, so it is set
+            # around each call, which is when either may happen.
+            with config.patch(freezing=True):
+                return step(*args)
+        return frozen
+
+
+def freezes_weights(model: Transformer) -> bool:
+    """Whether a compiled decode step of this model freezes its weights: on the CPU, with float linear
+    layers, and a KV cache of several rows (beams or prompts; see setup_caches).
+
+    A product of several rows by a weight as the model stores it is a GEMM that oneDNN first reorders
+    the weight for, on every call; frozen, the weight is reordered once, at compile time (BENCHMARKS.md
+    has the batch-8 figures). A single row keeps the plain weight, which Inductor's decompose-mm loop
+    streams faster (inductor_options). The packed copies are the graph's own: the float weights' memory
+    is held twice, and Inductor cannot cache a graph holding them, so every process compiles it again."""
+    return (model.dtype_device()[1].type == "cpu" and getattr(model, "max_batch_size", 0) > 1
+            and any(type(m) is torch.nn.Linear for m in model.modules()))
 
 
 def weights_unguarded(guards) -> list:

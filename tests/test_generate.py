@@ -124,18 +124,34 @@ def test_streamed_text_equals_whole_decode(default_checkpoint):
     assert streamed == tok.decode(ids) == text
 
 
-def test_compiled_decode_equals_eager_and_compiles_once(tiny):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
+    """Batch 1 compiles the plain step; batch 2 (prompts of two lengths) freezes the weights into it."""
     _, model, _ = tiny
-    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
-    prompt = list(range(1, G.KV_BLOCK - 4))  # the text crosses into the second block, the cache's last
+    model.setup_caches(max_batch_size=batch, max_seq_length=2 * G.KV_BLOCK)
+    # the texts cross into the second block, the cache's last
+    prompt = list(range(1, G.KV_BLOCK - 4)) if batch == 1 else [list(range(1, G.KV_BLOCK - 4)), list(range(7, 40))]
+    head = model.output.weight.detach().clone()
     try:
         eager = run(model, prompt, 12)
+        assert G.freezes_weights(model) == (batch > 1)
         steps = Steps(model, compile=True)
         assert steps.prefill is G.prefill and steps.decode is not G.decode_step  # a value, no global rebound
         run(model, prompt, 2, steps=steps)  # compiles
         with torch.compiler.set_stance("fail_on_recompile"):  # other attended lengths reuse the graph
             assert run(model, prompt, 12, steps=steps) == eager
+            if batch > 1:  # the frozen graph holds its own copy of each weight: the model's are not read
+                left_pad = torch.tensor([0, 1])  # made as generate() makes it, outside inference mode
+                with torch.inference_mode():
+                    args = (model, torch.tensor([5, 6]), torch.tensor([50]), left_pad, G.attended_length(model, 51),
+                            0.0, None, None)
+                    before = steps.decode(*args)
+                    torch.nn.init.zeros_(model.output.weight)
+                    assert torch.equal(steps.decode(*args), before)
+                    assert not torch.equal(G.decode_step(*args), before)
     finally:
+        with torch.no_grad():
+            model.output.weight.copy_(head)
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
