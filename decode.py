@@ -16,6 +16,7 @@ import torch
 
 from errors import UsageError
 from model import Transformer
+from qlinear import Int8Linear
 from sampling import SamplingParams, sample
 
 try:
@@ -181,15 +182,18 @@ class Steps:
 
 def freezes_weights(model: Transformer) -> bool:
     """Whether a compiled decode step of this model freezes its weights: on the CPU, with float linear
-    layers, and a KV cache of several rows (beams or prompts; see setup_caches).
+    layers or int8 ones with int8 activations, and a KV cache of several rows (beams or prompts; see
+    setup_caches).
 
     A product of several rows by a weight as the model stores it is a GEMM that oneDNN first reorders
     the weight for, on every call; frozen, the weight is reordered once, at compile time (BENCHMARKS.md
-    has the batch-8 figures). A single row keeps the plain weight, which Inductor's decompose-mm loop
-    streams faster (inductor_options). The packed copies are the graph's own: the float weights' memory
-    is held twice, and Inductor cannot cache a graph holding them, so every process compiles it again."""
-    return (model.dtype_device()[1].type == "cpu" and getattr(model, "max_batch_size", 0) > 1
-            and any(type(m) is torch.nn.Linear for m in model.modules()))
+    has the batch-8 figures; qlinear.packed_int_mm is the int8 case). A single row keeps the plain
+    weight, which Inductor's decompose-mm loop (and _int_mm) streams faster. The packed copies are the
+    graph's own: the weights' memory is held twice, and Inductor cannot cache a graph holding them, so
+    every process compiles it again. int4 has no packed oneDNN product; it is not frozen."""
+    packable = any(type(m) is torch.nn.Linear or isinstance(m, Int8Linear) and m.weight_sums is not None
+                   for m in model.modules())
+    return model.dtype_device()[1].type == "cpu" and getattr(model, "max_batch_size", 0) > 1 and packable
 
 
 def weights_unguarded(guards) -> list:

@@ -8,8 +8,10 @@ Which kernel runs:
 - int8 on the CPU, every row count: int8 activations too (W8A8). Each product rounds its input to uint8
   per row and multiplies in integers (`torch._int_mm`); quantize.py smooths the weights so that this
   rounding costs little. This was faster than the weight-only kernel for a decode step's row, and than
-  the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). A checkpoint
-  quantized before smoothing runs weight-only, as int4 does.
+  the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). In a compiled
+  step whose weights are frozen (decode.freezes_weights: several rows), the same integer product runs
+  on a copy of the weight that oneDNN packed at compile time. A checkpoint quantized before smoothing
+  runs weight-only, as int4 does.
 - int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
   a decode step; for a prompt of many rows, the weight dequantized and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
@@ -18,6 +20,7 @@ quantize.py writes these layers' tensors; checkpoint.py builds the layers and lo
 import functools
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -87,9 +90,32 @@ def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None):
         lo, hi = row_range(lo, hi)
     step = ((hi - lo) / 255).clamp(min=1e-12)
     q = ((x - lo) / step).round().clamp(0, 255).to(torch.uint8)
-    # weight.t() as it is stored: oneDNN reads each output's row of K bytes, faster than a transposed copy
-    acc = torch._int_mm(q, weight.t())  # [M, N] int32
-    return (acc.float() * step + lo * weight_sums) * scales
+    if frozen_graph() and x.shape[0] > 1:
+        acc = packed_int_mm(q, weight)
+    else:
+        # weight.t() as it is stored: oneDNN reads each output's row of K bytes, faster than a transposed copy
+        acc = torch._int_mm(q, weight.t()).float()  # [M, N]
+    return (acc * step + lo * weight_sums) * scales
+
+
+def frozen_graph() -> bool:
+    """Whether torch.compile is tracing with Inductor's freezing on (decode.Steps turns it on for steps
+    of several rows): the weights then become constants that Inductor may transform at compile time."""
+    return torch.compiler.is_compiling() and torch._inductor.config.freezing
+
+
+def packed_int_mm(q, weight):
+    """q [M, K] uint8 @ weight [N, K] int8 -> the int32 sums [M, N] as float32, written as the pattern of
+    dequantize-and-multiply ops (scale 1, zero point 0) that Inductor's freezing turns into oneDNN's
+    u8 x s8 product over a weight it packs once at compile time; _int_mm, given the plain weight, packs
+    it on every call, which costs much of a product of several rows. The sums are _int_mm's, converted
+    to float32 as acc.float() converts them. Only for frozen graphs: elsewhere these ops would run as a
+    float matmul of the dequantized weight."""
+    qd, n = torch.ops.quantized_decomposed, weight.shape[0]
+    ones = torch.ones(n, device=weight.device)
+    zeros = torch.zeros(n, dtype=torch.long, device=weight.device)
+    return F.linear(qd.dequantize_per_tensor(q, 1.0, 0, 0, 255, torch.uint8),
+                    qd.dequantize_per_channel(weight, ones, zeros, 0, -128, 127, torch.int8))
 
 
 class Int4Linear(nn.Module):

@@ -87,6 +87,25 @@ def test_int8_activation_matmul_against_float64_arithmetic(rows):
     assert ((got - x.double() @ wq.t()).abs() <= bound + 1e-4).all()
 
 
+def test_frozen_int8_product_is_onednns_packed_one_with_int_mms_output():
+    """Compiled with the weights frozen (decode.Steps: steps of several rows), W8A8's product of several
+    rows becomes oneDNN's over a weight packed at compile time, with exactly _int_mm's sums: the output
+    equals eager. One row keeps _int_mm."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    layer = qlinear.Int8Linear(1536, 96)  # 1536 inputs: sums beyond float32's exact integers
+    layer.weight, layer.scales = Q.quantize_int8(torch.randn(96, 1536))
+    layer.prepare()
+    step = torch.compile(lambda x: layer(x), fullgraph=True)
+    with torch.inference_mode(), config.patch(freezing=True):
+        for rows, packed in ((4, True), (1, False)):
+            x = torch.randn(rows, 1536) * 3 + torch.randn(rows, 1)
+            got, (code, *_) = run_and_get_code(step, x)
+            assert ("qlinear_pointwise" in code) == packed and ("_int_mm" in code) != packed
+            assert torch.equal(got, layer(x))
+
+
 def test_smoothing_keeps_the_float_model_with_norms_rounded_to_bfloat16(tiny_checkpoint):
     """SmoothQuant's rescaling leaves the unquantized model's logits as they were, with the norms' weights
     rounded to bfloat16, as a bfloat16 checkpoint stores them."""
