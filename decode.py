@@ -159,8 +159,8 @@ class Steps:
         needs a new Steps.
 
         freeze: compile the model's weights into the graph as constants (Inductor's freezing), which on
-        the CPU stores each float linear layer's weight packed into oneDNN's blocked layout (see
-        freezes_weights). The graph then no longer reads the model's weights: changing them after
+        the CPU stores the weight of each float linear layer, and of each int8 one with int8 activations
+        (qlinear.packed_int_mm), packed into oneDNN's blocked layout (see freezes_weights). The graph then no longer reads the model's weights: changing them after
         compiling changes nothing."""
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
