@@ -16,7 +16,7 @@ import torch
 
 from errors import UsageError
 from model import Transformer
-from qlinear import Int8Linear
+from qlinear import Int4Linear, Int8Linear
 from sampling import SamplingParams, sample
 
 try:
@@ -140,11 +140,11 @@ class Steps:
         self.device = model.dtype_device()[1]
         self.prefill, self.decode = self.prefill_fn, self.decode_fn
         if compile:
-            self.decode = self.compiled(self.decode_fn, freeze=freezes_weights(model))
+            self.decode = self.compiled(self.decode_fn, frozen=frozen_settings(model))
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
-    def compiled(self, fn, loop_attention: bool = True, freeze: bool = False, **kwargs):
+    def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
         the whole step as one launch, so its many small kernels cost no host time. loop_attention: see
         inductor_options (for steps over a static KV cache; a paged cache's gathered keys and values
@@ -158,42 +158,50 @@ class Steps:
         (inductor_options turns Inductor's checks off): a model whose layers change shape after compiling
         needs a new Steps.
 
-        freeze: compile the model's weights into the graph as constants (Inductor's freezing), which on
-        the CPU stores the weight of each float linear layer, and of each int8 one with int8 activations
-        (qlinear.packed_int_mm), packed into oneDNN's blocked layout (see freezes_weights). The graph then no longer reads the model's weights: changing them after
-        compiling changes nothing."""
+        frozen: Inductor's settings for a step that compiles the model's weights into the graph as
+        constants (freezing), from frozen_settings(model), which says what that buys. The graph then no
+        longer reads the model's weights: changing them after compiling changes nothing."""
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
             return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
         options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=weights_unguarded)
         step = torch.compile(fn, options=options, fullgraph=True, **kwargs)
-        if not freeze:
+        if frozen is None:
             return step
         from torch._inductor import config
 
-        def frozen(*args):
-            # Dynamo reads the setting as it traces (weights become graph constants), Inductor as it
-            # compiles; torch.compile's per-compilation options reach only the second, so it is set
-            # around each call, which is when either may happen.
-            with config.patch(freezing=True):
+        def frozen_step(*args):
+            # Dynamo reads freezing as it traces (weights become graph constants), Inductor as it
+            # compiles; torch.compile's per-compilation options reach only the second, so the settings
+            # are set around each call, which is when either may happen.
+            with config.patch(frozen):
                 return step(*args)
-        return frozen
+        return frozen_step
 
 
-def freezes_weights(model: Transformer) -> bool:
-    """Whether a compiled decode step of this model freezes its weights: on the CPU, with float linear
-    layers or int8 ones with int8 activations, and a KV cache of several rows (beams or prompts; see
-    setup_caches).
-
-    A product of several rows by a weight as the model stores it is a GEMM that oneDNN first reorders
-    the weight for, on every call; frozen, the weight is reordered once, at compile time (BENCHMARKS.md
-    has the batch-8 figures; qlinear.packed_int_mm is the int8 case). A single row keeps the plain
-    weight, which Inductor's decompose-mm loop (and _int_mm) streams faster. The packed copies are the
-    graph's own: the weights' memory is held twice, and Inductor cannot cache a graph holding them, so
-    every process compiles it again. int4 has no packed oneDNN product; it is not frozen."""
-    packable = any(type(m) is torch.nn.Linear or isinstance(m, Int8Linear) and m.weight_sums is not None
-                   for m in model.modules())
-    return model.dtype_device()[1].type == "cpu" and getattr(model, "max_batch_size", 0) > 1 and packable
+def frozen_settings(model: Transformer) -> Optional[dict]:
+    """The Inductor settings with which a compiled decode step of this model freezes its weights (see
+    Steps.compiled), or None where it keeps reading them. Freezing is for the CPU, for two kinds of layer
+    (BENCHMARKS.md has the figures):
+    - quantized ones (int8 with int8 activations, int4), at any batch size: with max_autotune, Inductor
+      offers its own kernel for each product (u8 x s8 with VNNI where the CPU has it for int8; int4
+      unpacked in registers) beside PyTorch's, over a copy of the weight packed at compile time, and keeps
+      the faster per shape. Inductor's won for every layer of the default model, at 1 and 8 rows.
+    - float linear layers, with a KV cache of several rows (beams or prompts; see setup_caches): a
+      product of several rows by a weight as the model stores it is a GEMM that oneDNN first reorders
+      the weight for, on every call; frozen, once, at compile time. A single row keeps the plain weight,
+      which Inductor's decompose-mm loop streams faster.
+    The packed copies are the graph's own: the weights' memory is held twice. oneDNN's packed weights
+    (float and int8 models) cannot be saved in Inductor's cache, so every process compiles such a step
+    again."""
+    if model.dtype_device()[1].type != "cpu":
+        return None
+    quantized = (m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+    if any(getattr(m, "weight_sums", None) is not None or getattr(m, "packed", None) is not None for m in quantized):
+        return {"freezing": True, "max_autotune": True}
+    if getattr(model, "max_batch_size", 0) > 1 and any(type(m) is torch.nn.Linear for m in model.modules()):
+        return {"freezing": True}
+    return None
 
 
 def weights_unguarded(guards) -> list:

@@ -8,10 +8,10 @@ Which kernel runs:
 - int8 on the CPU, every row count: int8 activations too (W8A8). Each product rounds its input to uint8
   per row and multiplies in integers (`torch._int_mm`); quantize.py smooths the weights so that this
   rounding costs little. This was faster than the weight-only kernel for a decode step's row, and than
-  the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). In a compiled
-  step whose weights are frozen (decode.freezes_weights: several rows), the same integer product runs
-  on a copy of the weight that oneDNN packed at compile time. A checkpoint quantized before smoothing
-  runs weight-only, as int4 does.
+  the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). A compiled decode
+  step freezes the weights (decode.frozen_settings) and the same integer product runs on a copy of the
+  weight packed at compile time, autotuned between Inductor's own u8 x s8 kernel and oneDNN's
+  (packed_int_mm). A checkpoint quantized before smoothing runs weight-only, as int4 does.
 - int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
   a decode step; for a prompt of many rows, the weight dequantized and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
@@ -47,6 +47,9 @@ class Int8Linear(nn.Module):
         # each output channel's sum of its int8 weights, made by prepare() on the CPU: the activations' zero
         # point times it is what their offset adds to each output
         self.register_buffer("weight_sums", None, persistent=False)
+        # scale 1 and zero point 0 per output channel, for packed_int_mm (made by prepare())
+        self.register_buffer("unit_scales", None, persistent=False)
+        self.register_buffer("zero_points", None, persistent=False)
         # Where this layer sees a slice of each input row (a row-parallel layer under tensor parallelism),
         # a function that widens each row's (min, max) to the whole row's, so that every rank rounds the
         # row as one process would (tp.py sets it).
@@ -60,13 +63,15 @@ class Int8Linear(nn.Module):
         sums = self.weight.sum(dim=1, dtype=torch.int32)  # an integer: exact, and no cast of the model alters it
         if self.weight_sums is None:
             self.weight_sums = sums
+            self.unit_scales = torch.ones(self.out_features)
+            self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
         else:
             self.weight_sums.copy_(sums)
 
     def forward(self, x):
         if self.weight_sums is not None:
             y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
-                                       self.row_range)
+                                       self.row_range, (self.unit_scales, self.zero_points))
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         elif x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:  # an unsmoothed checkpoint
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
@@ -77,11 +82,12 @@ class Int8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None):
+def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None, unit=None):
     """x [M, K] float @ weight [N, K] int8, times scales [N] -> [M, N] float32, with x quantized to uint8
     per row: x ~ lo + step * q, q in 0..255. The product then is step * (q @ weight.T) + lo * weight_sums
     (weight_sums [N] int32: each output's sum of its weights), its integer part one `torch._int_mm`
-    (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32 sums). Compiled, the quantizing fuses
+    (oneDNN's u8 x s8 kernel, VNNI where the CPU has it, exact int32 sums), or in a frozen graph
+    packed_int_mm with unit (the layer's scales of 1 and zero points of 0). Compiled, the quantizing fuses
     into the kernel that makes x (the norm before q/k/v, which share one product, as do gate and up) and
     the rescaling into the kernel that uses the result."""
     x = x.float()
@@ -90,8 +96,8 @@ def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None):
         lo, hi = row_range(lo, hi)
     step = ((hi - lo) / 255).clamp(min=1e-12)
     q = ((x - lo) / step).round().clamp(0, 255).to(torch.uint8)
-    if frozen_graph() and x.shape[0] > 1:
-        acc = packed_int_mm(q, weight)
+    if frozen_graph() and unit is not None:
+        acc = packed_int_mm(q, weight, *unit)
     else:
         # weight.t() as it is stored: oneDNN reads each output's row of K bytes, faster than a transposed copy
         acc = torch._int_mm(q, weight.t()).float()  # [M, N]
@@ -99,23 +105,23 @@ def int8_activation_matmul(x, weight, weight_sums, scales, row_range=None):
 
 
 def frozen_graph() -> bool:
-    """Whether torch.compile is tracing with Inductor's freezing on (decode.Steps turns it on for steps
-    of several rows): the weights then become constants that Inductor may transform at compile time."""
+    """Whether torch.compile is tracing with Inductor's freezing on (decode.frozen_settings says when):
+    the weights then become constants that Inductor may transform at compile time."""
     return torch.compiler.is_compiling() and torch._inductor.config.freezing
 
 
-def packed_int_mm(q, weight):
+def packed_int_mm(q, weight, unit_scales, zero_points):
     """q [M, K] uint8 @ weight [N, K] int8 -> the int32 sums [M, N] as float32, written as the pattern of
-    dequantize-and-multiply ops (scale 1, zero point 0) that Inductor's freezing turns into oneDNN's
-    u8 x s8 product over a weight it packs once at compile time, which multiplies several rows faster
-    than _int_mm does on the plain weight (BENCHMARKS.md). The sums are _int_mm's, converted to float32
-    as acc.float() converts them. Only for frozen graphs: elsewhere these ops would run as a float
-    matmul of the dequantized weight."""
-    qd, n = torch.ops.quantized_decomposed, weight.shape[0]
-    ones = torch.ones(n, device=weight.device)
-    zeros = torch.zeros(n, dtype=torch.long, device=weight.device)
+    dequantize-and-multiply ops (scales [N] of 1, zero points [N] of 0) that Inductor's freezing turns into
+    a u8 x s8 product over a copy of the weight packed once, at compile time: oneDNN's, and with
+    max_autotune also Inductor's own kernel, the faster one chosen per shape (decode.frozen_settings).
+    Inductor offers its kernel only where the zero points are a constant of the graph, which it checks
+    are zero: so they are the layer's tensors, not made here. The sums are _int_mm's, converted to
+    float32 as acc.float() converts them. Only for frozen graphs: elsewhere these ops would run as a
+    float matmul of the dequantized weight."""
+    qd = torch.ops.quantized_decomposed
     return F.linear(qd.dequantize_per_tensor(q, 1.0, 0, 0, 255, torch.uint8),
-                    qd.dequantize_per_channel(weight, ones, zeros, 0, -128, 127, torch.int8))
+                    qd.dequantize_per_channel(weight, unit_scales, zero_points, 0, -128, 127, torch.int8))
 
 
 class Int4Linear(nn.Module):

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+import decode
 import qlinear
 import quantize as Q
 from conftest import ROOT, converted_checkpoint
 from checkpoint import load_model
+from sampling import SamplingParams
 
 
 def english_text(chars):
@@ -87,22 +89,23 @@ def test_int8_activation_matmul_against_float64_arithmetic(rows):
     assert ((got - x.double() @ wq.t()).abs() <= bound + 1e-4).all()
 
 
-def test_frozen_int8_product_is_onednns_packed_one_with_int_mms_output():
-    """Compiled with the weights frozen (decode.Steps: steps of several rows), W8A8's product of several
-    rows becomes oneDNN's over a weight packed at compile time, with exactly _int_mm's sums: the output
-    equals eager. One row keeps _int_mm."""
+@pytest.mark.parametrize("backend,kernel", [("CPP", "micro_gemm"), ("ATEN", "qlinear_pointwise")])
+def test_frozen_int8_product_is_a_packed_kernel_with_int_mms_output(backend, kernel):
+    """Compiled with the weights frozen (decode.frozen_settings: int8 models' decode steps), W8A8's product
+    is Inductor's u8 x s8 kernel or oneDNN's (autotuned between; here each alone) over a weight packed at
+    compile time, with exactly _int_mm's sums: the output equals eager, for one row and for several."""
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
     torch.manual_seed(0)
     layer = qlinear.Int8Linear(1536, 96)  # 1536 inputs: sums beyond float32's exact integers
     layer.weight, layer.scales = Q.quantize_int8(torch.randn(96, 1536))
     layer.prepare()
-    step = torch.compile(lambda x: layer(x), fullgraph=True)
-    with torch.inference_mode(), config.patch(freezing=True):
-        for rows, packed in ((4, True), (1, False)):
+    with torch.inference_mode(), config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends=backend):
+        for rows in (4, 1):
+            step = torch.compile(lambda x: layer(x), fullgraph=True, dynamic=False)
             x = torch.randn(rows, 1536) * 3 + torch.randn(rows, 1)
             got, (code, *_) = run_and_get_code(step, x)
-            assert ("qlinear_pointwise" in code) == packed and ("_int_mm" in code) != packed
+            assert kernel in code and "_int_mm" not in code
             assert torch.equal(got, layer(x))
 
 
@@ -165,6 +168,13 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
         m.setup_caches(1, 16)
     a, b = model(tokens, torch.arange(12)), ref(tokens, torch.arange(12))
     assert (a - b).abs().max() < 0.1 * b.abs().max()
+    if mode != "int4-gptq":  # compiled, the decode step freezes the weights and autotunes the products
+        assert decode.frozen_settings(model) == {"freezing": True, "max_autotune": True}
+        prompt, params = list(range(1, 30)), SamplingParams(max_tokens=6)
+        model.setup_caches(1, 48)
+        eager = list(decode.generate(model, prompt, params))
+        steps = decode.Steps(model, compile=True)
+        assert list(decode.generate(model, prompt, params, steps=steps)) == eager
     r = run("generate.py", "--checkpoint", out, "--prompt", "abc", "--max-new-tokens", "4", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["generated_tokens"] == 4, r.stderr
     r = run("eval.py", "--checkpoint", out, "--text", text, "--max-seq-len", "64", "--json")
