@@ -13,7 +13,8 @@ Which kernel runs:
   weight packed at compile time, autotuned between Inductor's own u8 x s8 kernel and oneDNN's
   (packed_int_mm). A checkpoint quantized before smoothing runs weight-only, as int4 does.
 - int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
-  a decode step; for a prompt of many rows, the weight dequantized and the float matmul.
+  a decode step (compiled, autotuned against Inductor's own int4 kernel: decode.frozen_settings); for a
+  prompt of many rows, the weight dequantized and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
 quantize.py writes these layers' tensors; checkpoint.py builds the layers and loads them.
 """
