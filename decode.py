@@ -199,7 +199,8 @@ def frozen_settings(model: Transformer) -> Optional[dict]:
         return None
     quantized = (m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     if any(getattr(m, "weight_sums", None) is not None or getattr(m, "packed", None) is not None for m in quantized):
-        return {"freezing": True, "max_autotune": True}
+        # (no table of autotuning's timings on stderr, which Inductor prints for each product otherwise)
+        return {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0}
     if getattr(model, "max_batch_size", 0) > 1 and any(type(m) is torch.nn.Linear for m in model.modules()):
         return {"freezing": True}
     return None
