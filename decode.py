@@ -10,6 +10,7 @@ Decoding runs over the model's static KV cache, so a compiled decode step is one
 on CUDA). Sampling happens on the device; the only host transfer per step is the new token.
 """
 import types
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -140,7 +141,7 @@ class Steps:
         self.device = model.dtype_device()[1]
         self.prefill, self.decode = self.prefill_fn, self.decode_fn
         if compile:
-            self.decode = self.compiled(self.decode_fn, frozen=frozen_settings(model))
+            self.decode = self.compiled(self.decode_fn, frozen=frozen_settings(model, model.max_batch_size))
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
@@ -159,7 +160,7 @@ class Steps:
         needs a new Steps.
 
         frozen: Inductor's settings for a step that compiles the model's weights into the graph as
-        constants (freezing), from frozen_settings(model), which says what that buys. The graph then no
+        constants (freezing), from frozen_settings, which says what that buys. The graph then no
         longer reads the model's weights: changing them after compiling changes nothing."""
         fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
@@ -173,25 +174,27 @@ class Steps:
         def frozen_step(*args):
             # Dynamo reads freezing as it traces (weights become graph constants), Inductor as it
             # compiles; torch.compile's per-compilation options reach only the second, so the settings
-            # are set around each call, which is when either may happen.
-            with config.patch(frozen):
+            # are set around each call, which is when either may happen. (Inductor's autotuner calls a
+            # deprecated storage API, whose warning would reach the user's stderr.)
+            with config.patch(frozen), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "TypedStorage is deprecated")
                 return step(*args)
         return frozen_step
 
 
-def frozen_settings(model: Transformer) -> Optional[dict]:
-    """The Inductor settings with which a compiled decode step of this model freezes its weights (see
+def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
+    """The Inductor settings with which a compiled step of this model, whose products have `rows` rows
+    (the KV cache's batch size; a speculative verify step's k + 1 tokens), freezes its weights (see
     Steps.compiled), or None where it keeps reading them. Freezing is for the CPU, for two kinds of layer
     (BENCHMARKS.md has the figures):
-    - quantized ones (int8 with int8 activations, int4), at any batch size: with max_autotune, Inductor
-      offers its own kernel for each product (u8 x s8 with VNNI where the CPU has it for int8; int4
-      unpacked in registers) beside PyTorch's, over a copy of the weight packed at compile time, and keeps
-      the faster per shape. For int8 Inductor's won for every layer of the default model, at 1 and 8
-      rows; for int4 at one row (at 8, for some shapes; no faster step).
-    - float linear layers, with a KV cache of several rows (beams or prompts; see setup_caches): a
-      product of several rows by a weight as the model stores it is a GEMM that oneDNN first reorders
-      the weight for, on every call; frozen, once, at compile time. A single row keeps the plain weight,
-      which Inductor's decompose-mm loop streams faster.
+    - quantized ones (int8 with int8 activations, int4), at any number of rows: with max_autotune,
+      Inductor offers its own kernel for each product (u8 x s8 with VNNI where the CPU has it for int8;
+      int4 unpacked in registers) beside PyTorch's, over a copy of the weight packed at compile time, and
+      keeps the faster per shape. For int8 Inductor's won for every layer of the default model, at 1 and
+      8 rows; for int4 at one row (at 8, for some shapes; no faster step).
+    - float linear layers, at several rows: a product of several rows by a weight as the model stores it
+      is a GEMM that oneDNN first reorders the weight for, on every call; frozen, once, at compile time.
+      A single row keeps the plain weight, which Inductor's decompose-mm loop streams faster.
     The packed copies are the graph's own: the weights' memory is held twice. oneDNN's packed weights
     (float and int8 models) cannot be saved in Inductor's cache, so every process compiles such a step
     again."""
@@ -199,9 +202,10 @@ def frozen_settings(model: Transformer) -> Optional[dict]:
         return None
     quantized = (m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     if any(getattr(m, "weight_sums", None) is not None or getattr(m, "packed", None) is not None for m in quantized):
-        # (no table of autotuning's timings on stderr, which Inductor prints for each product otherwise)
-        return {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0}
-    if getattr(model, "max_batch_size", 0) > 1 and any(type(m) is torch.nn.Linear for m in model.modules()):
+        # (autotuning's tables and its summary of choices stay off stderr, where Inductor prints them)
+        return {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,
+                "max_autotune_report_choices_stats": False}
+    if rows > 1 and any(type(m) is torch.nn.Linear for m in model.modules()):
         return {"freezing": True}
     return None
 

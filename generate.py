@@ -35,7 +35,7 @@ from decode import Steps, TextStream, generate, synchronize
 from errors import ArgumentParser, UsageError, run_command
 from offload import OffloadOptions, load_offloaded
 from sampling import SamplingParams
-from speculative import SpeculativeSteps, pack_target, speculative_generate
+from speculative import SpeculativeSteps, speculative_generate
 
 __all__ = ["load_model", "generate", "SamplingParams", "Steps", "TextStream", "main"]
 
@@ -467,8 +467,7 @@ def main(argv=None):
                        max_seq_length=cache_length(o, model.args.max_seq_len, prompts_ids))
     draft = load_draft(o, model, device, dtype)
     if o.speculative:
-        pack_target(model)
-        steps = SpeculativeSteps(model, compile=o.compile or o.compile_prefill)
+        steps = SpeculativeSteps(model, compile=o.compile or o.compile_prefill, draft=draft)
     elif o.pp > 1:
         steps = pp.PipelineSteps(model, compile=o.compile)
     elif o.beam:

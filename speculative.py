@@ -16,14 +16,12 @@ Prompt lookup proposes deterministically: q is one-hot.
 Both KV caches stay consistent: entries written for rejected proposals sit at positions past the
 accepted text, which the causal mask hides until they are overwritten.
 """
-import weakref
 from typing import Iterator, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from decode import Steps, attended_length
+from decode import Steps, attended_length, frozen_settings
 from errors import UsageError
 from sampling import SamplingParams, probabilities, sample, sample_from
 
@@ -42,68 +40,24 @@ def logits_at(step, model, tokens: list, pos: int):
                 attended_length(model, end))
 
 
-# On the CPU, oneDNN multiplies a few rows by a weight much faster when the weight was reordered ahead of
-# time into its blocked layout ("packed"); given a plain weight, it reorders it on every call, and the
-# verify step (k + 1 rows) is such a product. Single-row steps keep the plain weight, which Inductor's own
-# loop streams faster. The packed copies double the target's weight memory.
-_packed_layers = weakref.WeakValueDictionary()  # id -> PackedLinear; the op finds its weight here
-
-
-@torch.library.custom_op("nimblelm::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], layer_id: int) -> torch.Tensor:
-    """x [rows, in] @ weight.T + bias, through the layer's packed copy of weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_layers[layer_id].packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, weight, bias, layer_id):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-class PackedLinear(nn.Module):
-    """An nn.Linear whose products of several rows use a oneDNN-packed copy of the weight."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied (a tied head stays tied)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
-        self.layer_id = id(self)
-        _packed_layers[self.layer_id] = self
-
-    def forward(self, x):
-        rows = x[..., 0].numel()
-        if rows == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = packed_linear(x.reshape(rows, -1), self.weight, self.bias, self.layer_id)
-        return y.reshape(*x.shape[:-1], -1)
-
-
-def pack_target(model) -> None:
-    """Give the target's float linear layers packed weights, where the CPU and its dtype allow."""
-    dtype, device = model.norm.weight.dtype, model.norm.weight.device
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
-        return
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child))
-
-
 class SpeculativeSteps(Steps):
     """The target's and the draft's steps: besides the plain decode step (for prompt-lookup rounds with
-    no match), the target's verify step (k + 1 tokens) and the draft's steps (one token; two when it
-    catches up). Each compiles as static graphs, none recompiling per step: they share the frame of
+    no match), the target's verify step (k + 1 tokens) and the draft model's steps (one token; two when
+    it catches up). Each compiles as static graphs, none recompiling per step: they share the frame of
     logits_of, so they are compiled with dynamic=False, else the first change of token count would make
-    that count symbolic."""
+    that count symbolic.
 
-    def __init__(self, model, compile: bool = False):
+    On the CPU the verify step freezes the target's weights (frozen_settings: its products have several
+    rows, which oneDNN multiplies by weights packed once instead of reordering them on every call), and
+    so does a quantized draft's step (Inductor's own kernels). Both hold packed copies of their weights."""
+
+    def __init__(self, model, compile: bool = False, draft=None):
         super().__init__(model, compile=compile)
         self.verify = self.draft = logits_of
         if compile:
-            self.verify = self.compiled(logits_of, dynamic=False)
-            self.draft = self.compiled(logits_of, dynamic=False)
+            self.verify = self.compiled(logits_of, dynamic=False, frozen=frozen_settings(model, rows=2))
+            self.draft = self.compiled(logits_of, dynamic=False,
+                                       frozen=frozen_settings(draft, rows=1) if draft is not None else None)
 
 
 def ngram_proposal(history: list, k: int, max_n: int = 3) -> list:
@@ -124,7 +78,7 @@ def accept_sampled(p: torch.Tensor, q: Optional[torch.Tensor], proposal: list) -
     n = len(proposal)
     chosen = torch.tensor(proposal, device=p.device)
     if q is None:
-        q = torch.nn.functional.one_hot(chosen, p.shape[-1]).float()
+        q = F.one_hot(chosen, p.shape[-1]).float()
     rows = torch.arange(n, device=p.device)
     p_d, q_d = p[rows, chosen], q[rows, chosen]
     keep = (torch.rand(n, device=p.device) * q_d < p_d).tolist()  # u < p(d) / q(d), without dividing

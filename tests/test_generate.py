@@ -134,7 +134,7 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
     head = model.output.weight.detach().clone()
     try:
         eager = run(model, prompt, 12)
-        assert G.frozen_settings(model) == ({"freezing": True} if batch > 1 else None)
+        assert G.frozen_settings(model, batch) == ({"freezing": True} if batch > 1 else None)
         steps = Steps(model, compile=True)
         assert steps.prefill is G.prefill and steps.decode is not G.decode_step  # a value, no global rebound
         run(model, prompt, 2, steps=steps)  # compiles

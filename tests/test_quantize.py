@@ -169,14 +169,14 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
     a, b = model(tokens, torch.arange(12)), ref(tokens, torch.arange(12))
     assert (a - b).abs().max() < 0.1 * b.abs().max()
     if mode != "int4-gptq":  # compiled, the decode step freezes the weights and autotunes the products
-        settings = decode.frozen_settings(model)
+        settings = decode.frozen_settings(model, 1)
         assert settings["freezing"] and settings["max_autotune"]
         prompt, params = list(range(1, 30)), SamplingParams(max_tokens=6)
         model.setup_caches(1, 48)
         eager = list(decode.generate(model, prompt, params))
         steps = decode.Steps(model, compile=True)
         assert list(decode.generate(model, prompt, params, steps=steps)) == eager
-        assert "AUTOTUNE" not in capfd.readouterr().err  # autotuning's tables stay off the user's stderr
+        assert "autotune" not in capfd.readouterr().err.lower()  # autotuning's reports stay off the user's stderr
     r = run("generate.py", "--checkpoint", out, "--prompt", "abc", "--max-new-tokens", "4", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["generated_tokens"] == 4, r.stderr
     r = run("eval.py", "--checkpoint", out, "--text", text, "--max-seq-len", "64", "--json")

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import speculative as S
 from conftest import ROOT, converted_checkpoint
 from checkpoint import load_model
-from decode import generate
+from decode import frozen_settings, generate
 from sampling import SamplingParams
 
 
@@ -146,33 +147,38 @@ def test_command_line_reports_acceptance(target_and_draft):
     assert r.returncode == 2 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_matches_linear(dtype):
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("this CPU has no oneDNN bfloat16 support")
-    torch.manual_seed(0)
-    for bias in (False, True):
-        linear = torch.nn.Linear(64, 96, bias=bias).to(dtype)
-        packed = S.PackedLinear(linear)
-        for shape in ((1, 1, 64), (1, 5, 64), (2, 7, 64), (12, 64)):
-            x = torch.randn(shape, dtype=dtype)
-            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(packed(x), linear(x), **tol)
-
-
-def test_packed_target_verifies_exactly_and_compiles_without_breaks(target_and_draft):
-    _, draft, (target_dir, _) = target_and_draft
-    target = load_model(str(target_dir))
-    target.setup_caches(1, 160)
-    S.pack_target(target)
-    assert any(isinstance(m, S.PackedLinear) for m in target.modules())
-    assert target.output.weight is target.tok_embeddings.weight or not target.args.tie_embeddings
-    prompt = [2, 7, 1, 8, 2, 8, 1, 8]
-    expected = plain(target_and_draft[0], prompt, 32)
-    assert list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=32), k=4, draft=draft)) == expected
-    # the verify step (k + 1 rows through the packed op) compiles as one graph, equal to eager
-    step = torch.compile(S.logits_of, fullgraph=True)
-    tokens, pos = torch.tensor([[3, 4, 5, 6, 7]]), torch.arange(8, 13)
+def test_compiled_steps_freeze_the_verify_step_and_an_int4_draft_and_keep_the_targets_tokens(target_and_draft,
+                                                                                              tmp_path, capfd):
+    """Compiled on the CPU, the verify step (k + 1 rows) freezes the float target's weights and the draft's
+    step, the target's int4 copy, freezes and autotunes its products: each a graph of its own, and the
+    tokens are still exactly the target's."""
+    from quantize import quantize_checkpoint
+    target, _, (target_dir, _) = target_and_draft
+    quantize_checkpoint(str(target_dir), str(tmp_path / "int4"), "int4", groupsize=32)
+    draft = load_model(str(tmp_path / "int4"))
+    draft.setup_caches(1, 160)
+    steps = S.SpeculativeSteps(target, compile=True, draft=draft)
+    assert frozen_settings(target, rows=2) == {"freezing": True} and frozen_settings(target, rows=1) is None
+    assert frozen_settings(draft, rows=1)["max_autotune"]
+    prompt = torch.randint(0, 128, (10,), generator=torch.Generator().manual_seed(1)).tolist()
+    stats = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = list(S.speculative_generate(target, prompt, SamplingParams(max_tokens=40), k=4, draft=draft,
+                                          stats=stats, steps=steps))
+    assert got == plain(target, prompt, 40)
+    assert stats["proposed"] > stats["accepted"] > 0  # the draft both hit and missed
+    # compiling and autotuning leave the user's stderr alone: no tables, no warnings that Python shows
+    assert "autotune" not in capfd.readouterr().err.lower()
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    # frozen: the verify graph holds the weights it was compiled with, and no longer reads the model's
+    tokens, pos = [3, 4, 5, 6, 7], len(prompt) + len(got)
     with torch.inference_mode():
-        eager = S.logits_of(target, tokens, pos, 128)
-        torch.testing.assert_close(step(target, tokens, pos, 128), eager, atol=1e-4, rtol=1e-4)
+        before = S.logits_at(steps.verify, target, tokens, pos)
+        torch.testing.assert_close(before, S.logits_at(S.logits_of, target, tokens, pos), atol=1e-4, rtol=1e-4)
+        saved = target.output.weight.clone()
+        target.output.weight.zero_()
+        try:
+            assert torch.equal(S.logits_at(steps.verify, target, tokens, pos), before)
+        finally:
+            target.output.weight.copy_(saved)
