@@ -49,7 +49,8 @@ class SpeculativeSteps(Steps):
 
     On the CPU the verify step freezes the target's weights (frozen_settings: its products have several
     rows, which oneDNN multiplies by weights packed once instead of reordering them on every call), and
-    so does a quantized draft's step (Inductor's own kernels). Both hold packed copies of their weights."""
+    so does the step of a quantized draft model given as `draft` (Inductor's own kernels). Both hold
+    packed copies of their weights."""
 
     def __init__(self, model, compile: bool = False, draft=None):
         super().__init__(model, compile=compile)
