@@ -187,7 +187,9 @@ def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
     (the KV cache's batch size; a speculative verify step's k + 1 tokens), freezes its weights (see
     Steps.compiled), or None where it keeps reading them. Freezing is for the CPU, for two kinds of layer
     (BENCHMARKS.md has the figures):
-    - quantized ones (int8 with int8 activations, int4), at any number of rows: with max_autotune,
+    - quantized ones (int8 with int8 activations, int4) that qkernels.cpp does not run at this number of
+      rows (qlinear.cpu_kernels says up to how many it runs; it reads the weights as they are stored):
+      with max_autotune,
       Inductor offers its own kernel for each product (u8 x s8 with VNNI where the CPU has it for int8;
       int4 unpacked in registers) beside PyTorch's, over a copy of the weight packed at compile time, and
       keeps the faster per shape. For int8 Inductor's won for every layer of the default model, at 1 and
@@ -201,6 +203,7 @@ def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
     if model.dtype_device()[1].type != "cpu":
         return None
     quantized = (m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+    quantized = [m for m in quantized if rows > m.kernel_rows]  # qkernels.cpp reads the weights as stored
     if any(getattr(m, "weight_sums", None) is not None or getattr(m, "packed", None) is not None for m in quantized):
         # (autotuning's tables and its summary of choices stay off stderr, where Inductor prints them)
         return {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,

@@ -228,6 +228,10 @@ class Buffers:
         self.buffers, self.slots = buffers, len(buffers)
         self.buffer_tensors = [tensors_of(b) for b in buffers]
         self.pointers = [Pointer(block, list(self.buffer_tensors[0])) for block in blocks]
+        for block in blocks:  # the kernels qlinear.prepare chose for a buffer's layers (not tensors) hold for theirs
+            for mine, theirs in zip(block.modules(), buffers[0].modules()):
+                if hasattr(theirs, "kernel_rows"):
+                    mine.kernel_rows = theirs.kernel_rows
         for j in range(len(blocks)):
             self.bind(j, j % len(buffers))  # on the device from the start: model.dtype_device() reads layer 0
 

@@ -5,20 +5,30 @@
   w = (q - 8) * scale + zero, q in [0, 15], stored two to a byte (even input index in the low nibble).
 
 Which kernel runs:
-- int8 on the CPU, every row count: int8 activations too (W8A8). Each product rounds its input to uint8
-  per row and multiplies in integers (`torch._int_mm`); quantize.py smooths the weights so that this
-  rounding costs little. This was faster than the weight-only kernel for a decode step's row, and than
-  the float product of the dequantized weight for a 512-token prompt (BENCHMARKS.md). A compiled decode
-  step freezes the weights (decode.frozen_settings) and the same integer product runs on a copy of the
-  weight packed at compile time, autotuned between Inductor's own u8 x s8 kernel and oneDNN's
-  (packed_int_mm). A checkpoint quantized before smoothing runs weight-only, as int4 does.
-- int4 on the CPU: PyTorch's fused weight-only kernel (`_weight_int4pack_mm_for_cpu`) for the few rows of
-  a decode step (compiled, autotuned against Inductor's own int4 kernel: decode.frozen_settings); for a
-  prompt of many rows, the weight dequantized and the float matmul.
+- On a CPU with AVX2, int8 and int4 alike: our own products of qkernels.cpp, built for the machine at load
+  (cpu_kernels), which round the input to int8 per block of 32 and multiply in integers (llama.cpp's
+  Q8_0 x Q8_0 and Q4_1 x Q8_0). PyTorch has no int4 x int8 product on the CPU, and its other quantized
+  ones ran at a half to a tenth of the memory's speed for a decode step's rows (BENCHMARKS.md). Where the
+  CPU has AVX-512 VNNI and BF16, ours run up to KERNEL_MAX_ROWS rows (a batch, a speculative verify step),
+  and longer prompts take the paths below.
+- int8 on the CPU, for more rows (a prompt), or where the kernels cannot be built: int8 activations too
+  (W8A8). Each product rounds its input to uint8 per row and multiplies in integers (`torch._int_mm`);
+  quantize.py smooths the weights so that this rounding costs little. A compiled step of such rows freezes
+  the weights (decode.frozen_settings) and the same integer product runs on a copy of the weight packed at
+  compile time, autotuned between Inductor's own u8 x s8 kernel and oneDNN's (packed_int_mm). A checkpoint
+  quantized before smoothing runs weight-only, as int4 does.
+- int4 on the CPU, for more rows or without our kernels: PyTorch's fused weight-only kernel
+  (`_weight_int4pack_mm_for_cpu`) up to INT4_FUSED_MAX_ROWS rows (compiled, autotuned against Inductor's
+  own int4 kernel: decode.frozen_settings); for a prompt of many rows, the weight dequantized and the float
+  matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
 quantize.py writes these layers' tensors; checkpoint.py builds the layers and loads them.
 """
 import functools
+import hashlib
+import os
+import platform
+import sys
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -29,6 +39,11 @@ import torch.nn.functional as F
 # many rows dequantizing the weight once and using the float matmul is faster (crossovers in BENCHMARKS.md).
 INT8_FUSED_MAX_ROWS = 16
 INT4_FUSED_MAX_ROWS = 128
+# qkernels.cpp's products read each weight block once for all of a step's rows, but their integer work grows
+# with every row: on CPUs with AVX-512 VNNI and BF16, where PyTorch's int8 and bfloat16 matrix products have
+# instructions of their own, ours run up to these many rows and PyTorch's take longer prompts. Without
+# them, PyTorch's were 5x (bfloat16) to 25x (int8) slower than ours for a 512-row prompt, and ours run all.
+KERNEL_MAX_ROWS = 8
 # The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
 # weights' error.
@@ -53,13 +68,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("zero_points", None, persistent=False)
         # Where this layer sees a slice of each input row (a row-parallel layer under tensor parallelism),
         # a function that widens each row's (min, max) to the whole row's, so that every rank rounds the
-        # row as one process would (tp.py sets it).
+        # row as one process would (tp.py sets it). qkernels.cpp needs none: its blocks of 32 inputs lie
+        # within one rank's slice.
         self.row_range = None
+        self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer (set by prepare())
 
     def prepare(self):
-        """On the CPU, the weight sums that int8_activation_matmul needs; into the buffer when it exists
-        (offload.py refills a layer's buffers at every step)."""
-        if self.weight.device.type != "cpu" or not self.int8_activations:
+        """On the CPU, whether our kernel runs this layer's decode steps, and the weight sums that
+        int8_activation_matmul needs; into the buffer when it exists (offload.py refills a layer's buffers
+        at every step)."""
+        if self.weight.device.type != "cpu":
+            return
+        self.kernel_rows = cpu_kernels() if self.in_features % 32 == 0 else 0
+        if not self.int8_activations:
             return
         sums = self.weight.sum(dim=1, dtype=torch.int32)  # an integer: exact, and no cast of the model alters it
         if self.weight_sums is None:
@@ -70,7 +91,11 @@ class Int8Linear(nn.Module):
             self.weight_sums.copy_(sums)
 
     def forward(self, x):
-        if self.weight_sums is not None:
+        if x[..., 0].numel() <= self.kernel_rows:
+            y = torch.ops.nimblelm.q8_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight,
+                                             self.scales.float())  # a no-op unless the module was cast since
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        elif self.weight_sums is not None:
             y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
                                        self.row_range, (self.unit_scales, self.zero_points))
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -134,15 +159,31 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        # the CPU kernel's layout and scales, made by prepare()
+        # PyTorch's CPU kernel's layout and scales, made by prepare()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
+        # qkernels.cpp's scales and offsets (zero - 8 * scale), [out, in / 32] float16: one per block of 32
+        # inputs, a group's repeated over its blocks (made by prepare())
+        self.register_buffer("block_scales", None, persistent=False)
+        self.register_buffer("block_offsets", None, persistent=False)
+        self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer
 
     def prepare(self):
-        """Repack for the device's kernel, once the weights are loaded where they will run; into the
+        """Repack for the device's kernels, once the weights are loaded where they will run; into the
         repacked buffers when they exist (offload.py refills a layer's buffers at every step)."""
-        if self.weight.device.type != "cpu" or self.out_features % 16:  # the kernel's blocks are of 16 channels
+        if self.weight.device.type != "cpu":
             return
+        self.kernel_rows = cpu_kernels() if self.groupsize % 32 == 0 else 0
+        if self.kernel_rows:
+            scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
+            scale, offset = (t.repeat_interleave(self.groupsize // 32, dim=1).half() for t in (scale, zero - 8 * scale))
+            if self.block_scales is None:
+                self.block_scales, self.block_offsets = scale, offset
+            else:
+                self.block_scales.copy_(scale)
+                self.block_offsets.copy_(offset)
+        if self.kernel_rows == float("inf") or self.out_features % 16:  # (its blocks are of 16 channels)
+            return  # PyTorch's kernel would never run, or cannot
         packed = pack_int4_for_cpu(self.weight)
         # Kept in the kernel's dtype: converting the float32 scales at every step would re-read them.
         scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
@@ -153,7 +194,12 @@ class Int4Linear(nn.Module):
             self.kernel_scales_and_zeros.copy_(scales_and_zeros)
 
     def forward(self, x):
-        if self.packed is not None and x[..., 0].numel() <= INT4_FUSED_MAX_ROWS:
+        rows = x[..., 0].numel()
+        if rows <= self.kernel_rows:
+            y = torch.ops.nimblelm.q4_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight,
+                                             self.block_scales.half(), self.block_offsets.half())  # (as for int8)
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        elif self.packed is not None and rows <= INT4_FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
                 self.kernel_scales_and_zeros.to(KERNEL_DTYPE))  # a no-op unless the module was cast since
@@ -230,6 +276,43 @@ def replace_linears(model: nn.Module, quantization: dict):
                     new = Int4Linear(child.in_features, child.out_features, child.bias is not None, groupsize,
                                      device="meta")
                 setattr(module, child_name, new)
+
+
+@functools.cache
+def cpu_kernels() -> float:
+    """Build qkernels.cpp for this machine's CPU (-march=native) and register its products as
+    torch.ops.nimblelm.q8_linear and q4_linear, once a process; return up to how many rows they should run
+    (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
+    under a name that holds a digest of the CPU's features, so a machine builds it once, and a home shared
+    by machines of different CPUs never runs one CPU's build on another. 0, with one line on stderr, where
+    it cannot be built (no C++ compiler, no AVX2): the layers then use PyTorch's kernels."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        cpu = platform.processor()
+    name = "nimblelm_qkernels_" + hashlib.sha256(cpu.encode()).hexdigest()[:16]
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
+    try:
+        from torch.utils import cpp_extension
+        cpp_extension.load(name, [source], extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False)
+    except Exception as e:  # the compiler's own report is long; its first line says which step failed
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"nimblelm: qkernels.cpp could not be built ({reason}); the quantized layers use PyTorch's kernels",
+              file=sys.stderr)
+        return 0
+
+    @torch.library.register_fake("nimblelm::q8_linear")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("nimblelm::q4_linear")
+    def _(x, weight, scales, offsets):
+        return x.new_empty(x.shape[0], weight.shape[0])
+    features = cpu.split()
+    return KERNEL_MAX_ROWS if "avx512_vnni" in features and "avx512_bf16" in features else float("inf")
 
 
 def prepare(model: nn.Module):

@@ -89,6 +89,49 @@ def test_int8_activation_matmul_against_float64_arithmetic(rows):
     assert ((got - x.double() @ wq.t()).abs() <= bound + 1e-4).all()
 
 
+def rounded_by_blocks(x):
+    """x [M, K] as qkernels.cpp rounds it, in float64: int8 per block of 32 inputs, each block's scale its
+    largest magnitude / 127, in float32 arithmetic as the kernel does it."""
+    b = x.view(x.shape[0], -1, 32)
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    q = torch.round(b * torch.where(amax > 0, 127 / amax, 0))
+    return (q.double() * (amax / 127).double()).view_as(x)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8])  # 5 and 8: a pass over four rows, then one, or a second four
+def test_cpu_kernels_against_float64_arithmetic(rows):
+    """qkernels.cpp's products, through the layers, equal float64 arithmetic on the input as they round it
+    (int8 per block of 32) to float32's precision: int8, and int4 with groups of 32 and of 64 (a group's
+    scale over two blocks), for an odd number of outputs and of blocks (26: three times eight, then two),
+    with a block of zeros and a row of one value."""
+    if not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
+    torch.manual_seed(0)
+    K, N = 32 * 26, 75
+    w = torch.randn(N, K) * 0.05
+    x = torch.randn(rows, K) * 3 + torch.randn(rows, 1)
+    x[0, 32:64] = 0
+    x[-1] = 0.25
+    int8 = qlinear.Int8Linear(K, N)
+    int8.weight, int8.scales = Q.quantize_int8(w)
+    int8.prepare()
+    assert int8.kernel_rows >= rows
+    expected = rounded_by_blocks(x) @ (int8.weight.double() * int8.scales.double()[:, None]).t()
+    torch.testing.assert_close(int8(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for groupsize in (32, 64):
+        int4 = qlinear.Int4Linear(K, N, groupsize=groupsize)
+        int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, groupsize)
+        int4.prepare()
+        assert int4.kernel_rows >= rows and int4.block_scales.shape == (N, K // 32)
+        # the weight as the kernel reads it: each block's scale and offset in float16
+        deq = (qlinear.unpack_int4(int4.weight).double().view(N, -1, 32) * int4.block_scales.double()[..., None]
+               + int4.block_offsets.double()[..., None]).view(N, K)
+        torch.testing.assert_close(deq, qlinear.dequantize_int4(int4.weight, int4.scales_and_zeros, groupsize).double(),
+                                   rtol=0, atol=2e-3 * w.abs().max().item())  # float16's rounding of the scales
+        expected = rounded_by_blocks(x) @ deq.t()
+        torch.testing.assert_close(int4(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("backend,kernel", [("CPP", "micro_gemm"), ("ATEN", "qlinear_pointwise")])
 def test_frozen_int8_product_is_a_packed_kernel_with_int_mms_output(backend, kernel):
     """Compiled with the weights frozen (decode.frozen_settings: int8 models' decode steps), W8A8's product
@@ -96,10 +139,15 @@ def test_frozen_int8_product_is_a_packed_kernel_with_int_mms_output(backend, ker
     compile time, with exactly _int_mm's sums: the output equals eager, for one row and for several."""
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
+    if backend == "ATEN" and "avx512_vnni" not in open("/proc/cpuinfo").read():
+        # measured on an AVX2 machine: without VNNI oneDNN adds u8 x s8 pairs in int16, which saturate. There
+        # qkernels.cpp runs every int8 product, and a compiled step needs the compiler that builds it.
+        pytest.skip("oneDNN's u8 x s8 product saturates without VNNI; qkernels.cpp runs int8 on this CPU")
     torch.manual_seed(0)
     layer = qlinear.Int8Linear(1536, 96)  # 1536 inputs: sums beyond float32's exact integers
     layer.weight, layer.scales = Q.quantize_int8(torch.randn(96, 1536))
     layer.prepare()
+    layer.kernel_rows = 0  # the path for rows that qkernels.cpp does not run, or where it cannot be built
     with torch.inference_mode(), config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends=backend):
         for rows in (4, 1):
             step = torch.compile(lambda x: layer(x), fullgraph=True, dynamic=False)
@@ -168,9 +216,9 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
         m.setup_caches(1, 16)
     a, b = model(tokens, torch.arange(12)), ref(tokens, torch.arange(12))
     assert (a - b).abs().max() < 0.1 * b.abs().max()
-    if mode != "int4-gptq":  # compiled, the decode step freezes the weights and autotunes the products
+    if mode != "int4-gptq":  # compiled: qkernels.cpp's products, or else frozen weights and autotuned products
         settings = decode.frozen_settings(model, 1)
-        assert settings["freezing"] and settings["max_autotune"]
+        assert settings is None if qlinear.cpu_kernels() else settings["freezing"] and settings["max_autotune"]
         prompt, params = list(range(1, 30)), SamplingParams(max_tokens=6)
         model.setup_caches(1, 48)
         eager = list(decode.generate(model, prompt, params))

@@ -1,0 +1,265 @@
+// The CPU kernels of a quantized decode step: int8 x int8 and int4 x int8 products, in llama.cpp's scheme
+// (Q8_0 x Q8_0, Q4_1 x Q8_0) over our layers' own tensors.
+//
+// Each product rounds its input rows to int8 in blocks of 32 (x ~ d * q, q in -127..127, one float scale d
+// per block), multiplies them by the weight's blocks in integers, and scales each block's sum in float:
+//   int8 weight [N, K], one scale per output:      y[m, n] = scale[n] * sum_b d[m, b] * (w[n]_b . q[m]_b)
+//   int4 weight [N, K / 2], a scale and offset per block of 32 (w = s * v + o, v in 0..15):
+//                                                   y[m, n] = sum_b s[n, b] d[m, b] (v[n]_b . q[m]_b)
+//                                                           + o[n, b] d[m, b] sum(q[m]_b)
+// PyTorch has no int4 x int8 product on the CPU, and its int8 ones run several times below the memory's
+// speed for a decode step's few rows (BENCHMARKS.md), which is what this file is for. The integer dot
+// products are AVX2's (maddubs: unsigned x signed bytes to pairs of int16, no overflow for these ranges),
+// or VNNI's where the compiler targets it. qlinear.py builds this file once per machine (for its CPU,
+// -march=native) and registers the products as torch ops, which compiled graphs call as they are.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "these kernels need AVX2, FMA and F16C"
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // inputs per block
+constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: their sums stay in registers
+// bytes ahead in a weight row to ask the memory for: one core alone keeps too few reads in flight to
+// reach the memory's speed
+constexpr int PREFETCH = 1024;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256 load_half8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 8 int32 lanes summing u * s over 32 byte pairs, u unsigned (at most 127 here), s signed
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Activations: a row of K floats -> K int8 in blocks of 32, each with its scale d and, when sums is given,
+// d * sum(q). With odd_even each block holds its even inputs first, then its odd ones: the order in which an
+// int4 block's 16 bytes unpack (low nibbles, then high nibbles).
+
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, bool odd_even) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t b = 0; b < K / QK; ++b) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
+      m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+    }
+    const float amax = hmax(m);
+    d[b] = amax / 127.f;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), nearest));
+    if (sums) {
+      const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+      sums[b] = d[b] * hsum(_mm256_cvtepi32_ps(s));
+    }
+    // packing works within 128-bit lanes; the permutation puts the 32 values back in order
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    p = _mm256_permutevar8x32_epi32(p, in_order);
+    if (odd_even)  // per lane, 8 even bytes then 8 odd; then both lanes' even halves first
+      p = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p, even_odd), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+  }
+}
+
+struct Activations {
+  at::Tensor q, d, sums;  // [M, K] int8, [M, K / 32] float, [M, K / 32] float (int4 only)
+  int64_t K, nb;
+};
+
+Activations quantize(const at::Tensor& x, bool odd_even) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Activations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, K / QK}, x.options()),
+                odd_even ? at::empty({M, K / QK}, x.options()) : at::Tensor(), K, K / QK};
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(x.data_ptr<float>() + m * K, K, a.q.data_ptr<int8_t>() + m * K, a.d.data_ptr<float>() + m * a.nb,
+                 odd_even ? a.sums.data_ptr<float>() + m * a.nb : nullptr, odd_even);
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// One output for R activation rows. Blocks go in pairs, into two sets of sums, so that each addition waits
+// less on the one before.
+
+template <int R>
+inline void q8_block(const int8_t* w, int64_t b, const int8_t* q, const float* d, int64_t K, int64_t nb,
+                     __m256* acc) {
+  const __m256i wb = load32(w + b * QK);
+  const __m256i aw = _mm256_sign_epi8(wb, wb);  // |w|, with w's signs moved onto the activations
+  for (int r = 0; r < R; ++r) {
+    const __m256i sq = _mm256_sign_epi8(load32(q + r * K + b * QK), wb);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aw, sq)), _mm256_broadcast_ss(d + r * nb + b), acc[r]);
+  }
+}
+
+template <int R>
+void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, int64_t K, int64_t nb, float* y,
+               int64_t ldy) {
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + b * QK + PREFETCH), _MM_HINT_T0);
+    q8_block<R>(w, b, q, d, K, nb, even);
+    q8_block<R>(w, b + 1, q, d, K, nb, odd);
+  }
+  if (b < nb) q8_block<R>(w, b, q, d, K, nb, even);
+  for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
+}
+
+// scale: [R][8] floats, this block's weight scale times each row's activation scale
+template <int R>
+inline void q4_block(const uint8_t* w, int64_t b, const int8_t* q, const float* scale, int64_t K, __m256* acc) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2)));
+  const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+  for (int r = 0; r < R; ++r) {
+    const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(v, load32(q + r * K + b * QK)));
+    acc[r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(scale + 8 * r), acc[r]);
+  }
+}
+
+// Blocks go by eight: their float16 scales and offsets convert in one instruction each, the scales
+// multiply the activations' in one, and the offsets' terms add into the same eight lanes as the products.
+template <int R>
+void q4_output(const uint8_t* w, const at::Half* s, const at::Half* o, const int8_t* q, const float* d,
+               const float* sums, int64_t K, int64_t nb, float* y, int64_t ldy) {
+  __m256 even[R], odd[R];
+  alignas(32) float scale[R * 8];
+  float tail[R];
+  for (int r = 0; r < R; ++r) {
+    even[r] = odd[r] = _mm256_setzero_ps();
+    tail[r] = 0.f;
+  }
+  int64_t b0 = 0;
+  for (; b0 + 8 <= nb; b0 += 8) {
+    const char* ahead = reinterpret_cast<const char*>(w + b0 * (QK / 2) + PREFETCH);
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    const __m256 s8 = load_half8(s + b0), o8 = load_half8(o + b0);
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(scale + 8 * r, _mm256_mul_ps(s8, _mm256_loadu_ps(d + r * nb + b0)));
+      odd[r] = _mm256_fmadd_ps(o8, _mm256_loadu_ps(sums + r * nb + b0), odd[r]);
+    }
+    for (int j = 0; j < 8; j += 2) {
+      q4_block<R>(w, b0 + j, q, scale + j, K, even);
+      q4_block<R>(w, b0 + j + 1, q, scale + j + 1, K, odd);
+    }
+  }
+  for (int64_t b = b0; b < nb; ++b) {  // the last blocks, fewer than eight
+    for (int r = 0; r < R; ++r) {
+      scale[8 * r] = static_cast<float>(s[b]) * d[r * nb + b];
+      tail[r] += static_cast<float>(o[b]) * sums[r * nb + b];
+    }
+    q4_block<R>(w, b, q, scale, K, even);
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(even[r], odd[r])) + tail[r];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The ops: outputs split among PyTorch's threads; for each output, the activation rows MAX_ROWS at a time.
+
+template <typename Output>
+at::Tensor product(const at::Tensor& x, int64_t N, Output output) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; m += MAX_ROWS) {
+        float* ym = out + m * N + n;
+        switch (std::min<int64_t>(M - m, MAX_ROWS)) {
+          case 1: output(std::integral_constant<int, 1>(), n, m, ym, N); break;
+          case 2: output(std::integral_constant<int, 2>(), n, m, ym, N); break;
+          case 3: output(std::integral_constant<int, 3>(), n, m, ym, N); break;
+          default: output(std::integral_constant<int, 4>(), n, m, ym, N); break;
+        }
+      }
+  });
+  return y;
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: a contiguous [M, K] float32");
+  TORCH_CHECK(x.size(1) % QK == 0, "K must be a multiple of 32");
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+  check_input(x);
+  const int64_t K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 &&
+                  weight.size(1) == K, "weight: a contiguous [N, K] int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N, "scales: [N] float32");
+  const Activations a = quantize(x, false);
+  const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q.data_ptr<int8_t>();
+  const float *sc = scales.data_ptr<float>(), *d = a.d.data_ptr<float>();
+  return product(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+    q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
+  });
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                     const at::Tensor& offsets) {
+  check_input(x);
+  const int64_t K = x.size(1), N = weight.size(0), nb = K / QK;
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
+                  weight.size(1) * 2 == K, "weight: a contiguous [N, K / 2] uint8");
+  for (const at::Tensor* t : {&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * nb,
+                "scales, offsets: contiguous [N, K / 32] float16");
+  const Activations a = quantize(x, true);
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half *s = scales.data_ptr<at::Half>(), *o = offsets.data_ptr<at::Half>();
+  const int8_t* q = a.q.data_ptr<int8_t>();
+  const float *d = a.d.data_ptr<float>(), *sums = a.sums.data_ptr<float>();
+  return product(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+    q4_output<decltype(R)::value>(w + n * (K / 2), s + n * nb, o + n * nb, q + m * K, d + m * nb, sums + m * nb,
+                                  K, nb, y, ldy);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nimblelm, m) {
+  m.def("q8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor weight, Tensor scales, Tensor offsets) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
+  m.impl("q8_linear", q8_linear);
+  m.impl("q4_linear", q4_linear);
+}
