@@ -74,7 +74,7 @@ class Int8Linear(nn.Module):
         self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer (set by prepare())
 
     def prepare(self):
-        """On the CPU, whether our kernel runs this layer's decode steps, and the weight sums that
+        """On the CPU, up to how many rows qkernels.cpp runs this layer, and the weight sums that
         int8_activation_matmul needs; into the buffer when it exists (offload.py refills a layer's buffers
         at every step)."""
         if self.weight.device.type != "cpu":
@@ -316,8 +316,8 @@ def cpu_kernels() -> float:
 
 
 def prepare(model: nn.Module):
-    """Give every quantized layer what its kernels need on the device its weights are on: int4's repacked
-    weights, int8's weight sums."""
+    """Give every quantized layer what its kernels need on the device its weights are on: which rows our
+    CPU kernels run, int4's scales for them and repacked weights for PyTorch's, int8's weight sums."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
