@@ -189,11 +189,10 @@ def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
     (BENCHMARKS.md has the figures):
     - quantized ones (int8 with int8 activations, int4) that qkernels.cpp does not run at this number of
       rows (qlinear.cpu_kernels says up to how many it runs; it reads the weights as they are stored):
-      with max_autotune,
-      Inductor offers its own kernel for each product (u8 x s8 with VNNI where the CPU has it for int8;
-      int4 unpacked in registers) beside PyTorch's, over a copy of the weight packed at compile time, and
-      keeps the faster per shape. For int8 Inductor's won for every layer of the default model, at 1 and
-      8 rows; for int4 at one row (at 8, for some shapes; no faster step).
+      with max_autotune, Inductor offers its own kernel for each product (u8 x s8 with VNNI where the CPU
+      has it for int8; int4 unpacked in registers) beside PyTorch's, over a copy of the weight packed at
+      compile time, and keeps the faster per shape. For int8 Inductor's won for every layer of the default
+      model, at 1 and 8 rows; for int4 at one row (at 8, for some shapes; no faster step).
     - float linear layers, at several rows: a product of several rows by a weight as the model stores it
       is a GEMM that oneDNN first reorders the weight for, on every call; frozen, once, at compile time.
       A single row keeps the plain weight, which Inductor's decompose-mm loop streams faster.

@@ -99,13 +99,13 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, b
 
 struct Activations {
   at::Tensor q, d, sums;  // [M, K] int8, [M, K / 32] float, [M, K / 32] float (int4 only)
-  int64_t K, nb;
+  int64_t nb;             // blocks per row
 };
 
 Activations quantize(const at::Tensor& x, bool odd_even) {
   const int64_t M = x.size(0), K = x.size(1);
   Activations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, K / QK}, x.options()),
-                odd_even ? at::empty({M, K / QK}, x.options()) : at::Tensor(), K, K / QK};
+                odd_even ? at::empty({M, K / QK}, x.options()) : at::Tensor(), K / QK};
   for (int64_t m = 0; m < M; ++m)
     quantize_row(x.data_ptr<float>() + m * K, K, a.q.data_ptr<int8_t>() + m * K, a.d.data_ptr<float>() + m * a.nb,
                  odd_even ? a.sums.data_ptr<float>() + m * a.nb : nullptr, odd_even);

@@ -288,12 +288,8 @@ def cpu_kernels() -> float:
     it cannot be built (no C++ compiler, no AVX2): the layers then use PyTorch's kernels."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return 0
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        cpu = platform.processor()
-    name = "nimblelm_qkernels_" + hashlib.sha256(cpu.encode()).hexdigest()[:16]
+    features = cpu_features()
+    name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features)).encode()).hexdigest()[:16]
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
     try:
         from torch.utils import cpp_extension
@@ -311,8 +307,18 @@ def cpu_kernels() -> float:
     @torch.library.register_fake("nimblelm::q4_linear")
     def _(x, weight, scales, offsets):
         return x.new_empty(x.shape[0], weight.shape[0])
-    features = cpu.split()
-    return KERNEL_MAX_ROWS if "avx512_vnni" in features and "avx512_bf16" in features else float("inf")
+    return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
+
+
+@functools.cache
+def cpu_features() -> frozenset:
+    """The CPU's instruction-set flags as Linux names them (avx2, avx512_vnni, ...); on other systems,
+    the words of platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return frozenset(platform.processor().split())
 
 
 def prepare(model: nn.Module):

@@ -47,10 +47,10 @@ class SpeculativeSteps(Steps):
     logits_of, so they are compiled with dynamic=False, else the first change of token count would make
     that count symbolic.
 
-    On the CPU the verify step freezes the target's weights (frozen_settings: its products have several
-    rows, which oneDNN multiplies by weights packed once instead of reordering them on every call), and
-    so does the step of a quantized draft model given as `draft` (Inductor's own kernels). Both hold
-    packed copies of their weights."""
+    On the CPU the verify step of a float target freezes its weights (frozen_settings: its products have
+    several rows, which oneDNN multiplies by weights packed once instead of reordering them on every
+    call), holding a packed copy of them. A quantized draft model given as `draft` runs qkernels.cpp's
+    products, or where they cannot be built, freezes its weights for Inductor's own kernels."""
 
     def __init__(self, model, compile: bool = False, draft=None):
         super().__init__(model, compile=compile)

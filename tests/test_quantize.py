@@ -139,7 +139,7 @@ def test_frozen_int8_product_is_a_packed_kernel_with_int_mms_output(backend, ker
     compile time, with exactly _int_mm's sums: the output equals eager, for one row and for several."""
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
-    if backend == "ATEN" and "avx512_vnni" not in open("/proc/cpuinfo").read():
+    if backend == "ATEN" and "avx512_vnni" not in qlinear.cpu_features():
         # measured on an AVX2 machine: without VNNI oneDNN adds u8 x s8 pairs in int16, which saturate. There
         # qkernels.cpp runs every int8 product, and a compiled step needs the compiler that builds it.
         pytest.skip("oneDNN's u8 x s8 product saturates without VNNI; qkernels.cpp runs int8 on this CPU")

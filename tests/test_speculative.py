@@ -148,8 +148,8 @@ def test_command_line_reports_acceptance(target_and_draft):
     assert r.returncode == 2 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
 
 
-def test_compiled_steps_freeze_the_verify_step_and_an_int4_draft_and_keep_the_targets_tokens(target_and_draft,
-                                                                                              tmp_path, capfd):
+def test_compiled_verify_step_freezes_and_an_int4_draft_keeps_the_targets_tokens(target_and_draft, tmp_path,
+                                                                                 capfd):
     """Compiled on the CPU, the verify step (k + 1 rows) freezes the float target's weights, and the draft's
     step, the target's int4 copy, runs qkernels.cpp's products (or, where they cannot be built, freezes and
     autotunes PyTorch's): each a graph of its own, and the tokens are still exactly the target's."""
