@@ -9,6 +9,7 @@ generate(), and TextStream, which turns tokens into printable text and finds sto
 Decoding runs over the model's static KV cache, so a compiled decode step is one fixed graph (CUDA graphs
 on CUDA). Sampling happens on the device; the only host transfer per step is the new token.
 """
+import operator
 import types
 import warnings
 from typing import Iterator, Optional
@@ -151,35 +152,83 @@ class Steps:
         inductor_options (for steps over a static KV cache; a paged cache's gathered keys and values
         would be gathered again for every query row inside the loops).
 
-        Each call compiles its own copy of fn: torch.compile keeps graphs per code object, so this
-        Steps' graphs never serve another model (a draft beside its target, say). That is what lets a
-        call skip re-checking the model's weights: a guard on each module and tensor costs most of a
-        millisecond per step on the CPU, a tenth of a small model's step. The KV caches and RoPE tables are
-        still checked (setup_caches may resize them). Nothing re-checks the weights' shapes, either
-        (inductor_options turns Inductor's checks off): a model whose layers change shape after compiling
-        needs a new Steps.
+        On the CPU a step is a CompiledStep, which says what it leaves unchecked.
 
         frozen: Inductor's settings for a step that compiles the model's weights into the graph as
         constants (freezing), from frozen_settings, which says what that buys. The graph then no
         longer reads the model's weights: changing them after compiling changes nothing."""
-        fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         if self.device.type == "cuda":
-            return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kwargs)
-        options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=weights_unguarded)
-        step = torch.compile(fn, options=options, fullgraph=True, **kwargs)
-        if frozen is None:
-            return step
-        from torch._inductor import config
+            return torch.compile(own_copy(fn), mode="reduce-overhead", fullgraph=True, **kwargs)
+        options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=model_unguarded)
+        return CompiledStep(fn, options, frozen, **kwargs)
 
-        def frozen_step(*args):
+
+def own_copy(fn, globals_: Optional[dict] = None):
+    """A copy of fn with its own code object (and globals_ for globals, when given): torch.compile keeps
+    graphs per code object, so each copy's graphs serve only the calls made through it (one Steps, one
+    model: never a draft beside its target)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__ if globals_ is None else globals_, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+
+
+class CompiledStep:
+    """A step compiled for the CPU, where what a call spends before its graph runs is a share of a small
+    model's step (a tenth, measured: most of a millisecond). Two things trim it:
+    - Dynamo installs the model's tensors (weights, KV caches, RoPE tables) in the graph as attributes
+      (install_free_tensors), so a call does not fetch hundreds of them from the model's modules, and
+    - it checks nothing about the model's state (model_unguarded): its weights, their shapes (Inductor's
+      own checks are off as well, inductor_options), nor its caches.
+    In their place this object checks the caches itself: the graph holds the tensors it was traced with,
+    so when setup_caches or setup_paged_cache replaces them (with new ones, of any size), the step is
+    compiled anew. A model whose layers change after compiling needs a new Steps.
+
+    torch.compile keeps the compiled graphs in the step's globals, and keeps those for as long as the
+    objects its checks read live (all of the process, for most); as the graphs hold the model's tensors,
+    each compiled copy of fn gets globals of its own, which this object empties when it drops the copy.
+
+    fn, options, kwargs: what torch.compile gets. frozen: Inductor settings, or None (Steps.compiled)."""
+
+    def __init__(self, fn, options: dict, frozen: Optional[dict] = None, **kwargs):
+        self.fn, self.options, self.frozen, self.kwargs = fn, options, frozen, kwargs
+        self.step, self.caches, self.globals = None, None, {}
+
+    def __call__(self, *args):
+        caches = [t for a in args if isinstance(a, Transformer) for t in cache_tensors(a)]
+        if self.caches is None or len(caches) != len(self.caches) or any(map(operator.is_not, caches, self.caches)):
+            self.release()
+            self.globals = dict(self.fn.__globals__)
+            self.step = torch.compile(own_copy(self.fn, self.globals), options=self.options, fullgraph=True,
+                                      **self.kwargs)
+            self.caches = caches
+        from torch._dynamo import config as dynamo_config
+        with dynamo_config.patch(install_free_tensors=True):  # read as Dynamo traces
+            if self.frozen is None:
+                return self.step(*args)
+            from torch._inductor import config
             # Dynamo reads freezing as it traces (weights become graph constants), Inductor as it
             # compiles; torch.compile's per-compilation options reach only the second, so the settings
             # are set around each call, which is when either may happen. (Inductor's autotuner calls a
             # deprecated storage API, whose warning would reach the user's stderr.)
-            with config.patch(frozen), warnings.catch_warnings():
+            with config.patch(self.frozen), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")
-                return step(*args)
-        return frozen_step
+                return self.step(*args)
+
+    def release(self):
+        """Drop the compiled graphs, and the tensors they hold. (The names stay: Dynamo deletes those it
+        installed once it has dropped what refers to them.)"""
+        self.globals.update(dict.fromkeys(self.globals))
+        self.step, self.caches = None, None
+
+    def __del__(self):
+        self.release()
+
+
+def cache_tensors(model: Transformer) -> tuple:
+    """The tensors that stand for a model's caches: its RoPE table and its first layer's keys (setup_caches
+    and setup_paged_cache replace every layer's cache, and the tables, together)."""
+    first = next(iter(model.layers), None)
+    cache = getattr(first.attention, "kv_cache", None) if first is not None else None
+    return getattr(model, "rope_cos", None), getattr(cache, "k_cache", None)
 
 
 def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
@@ -212,10 +261,10 @@ def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
     return None
 
 
-def weights_unguarded(guards) -> list:
-    """torch.compile's guard filter: keep every guard but those on the model's modules and weights."""
-    return [not g.orig_guard.source.is_unspecialized_nn_module() or "kv_cache" in g.name or "rope_" in g.name
-            for g in guards]
+def model_unguarded(guards) -> list:
+    """torch.compile's guard filter: keep every guard but those on the model's modules and tensors
+    (CompiledStep checks the caches)."""
+    return [not g.orig_guard.source.is_unspecialized_nn_module() for g in guards]
 
 
 def synchronize(device: torch.device):

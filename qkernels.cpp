@@ -62,18 +62,34 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// The same over two sets of 32 byte pairs, u at most 15 (int4): their int16 pair sums add without overflow.
+inline __m256i dot2_u8s8(__m256i u, __m256i s, __m256i u2, __m256i s2) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s), u2, s2);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s), u2, s2);
+#else
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(u2, s2));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Activations: a row of K floats -> K int8 in blocks of 32, each with its scale d and, when sums is given,
-// d * sum(q). With odd_even each block holds its even inputs first, then its odd ones: the order in which an
-// int4 block's 16 bytes unpack (low nibbles, then high nibbles).
+// d * sum(q). With int4_order the bytes are laid out for q4_output, which reads an int4 block's 16 bytes as
+// its even inputs (low nibbles), then its odd ones (high nibbles), and two blocks b, b + 1 at once: each
+// pair of blocks holds b's even inputs, b + 1's even inputs, b's odd inputs, b + 1's odd inputs; a last
+// unpaired block holds its even inputs, then its odd ones.
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, bool odd_even) {
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, bool int4_order) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int64_t b = 0; b < K / QK; ++b) {
+  const int64_t nb = K / QK;
+  __m256i previous = _mm256_setzero_si256();  // an even block's bytes, until its pair is done
+  for (int64_t b = 0; b < nb; ++b) {
     __m256 v[4], m = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       v[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
@@ -91,9 +107,20 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, b
     // packing works within 128-bit lanes; the permutation puts the 32 values back in order
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
     p = _mm256_permutevar8x32_epi32(p, in_order);
-    if (odd_even)  // per lane, 8 even bytes then 8 odd; then both lanes' even halves first
-      p = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p, even_odd), 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+    if (!int4_order) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+      continue;
+    }
+    // per lane, 8 even bytes then 8 odd; then both lanes' even halves first
+    p = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p, even_odd), 0xD8);
+    if (b % 2 == 0 && b + 1 == nb) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+    } else if (b % 2 == 0) {
+      previous = p;
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + (b - 1) * QK), _mm256_permute2x128_si256(previous, p, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), _mm256_permute2x128_si256(previous, p, 0x31));
+    }
   }
 }
 
@@ -102,13 +129,13 @@ struct Activations {
   int64_t nb;             // blocks per row
 };
 
-Activations quantize(const at::Tensor& x, bool odd_even) {
+Activations quantize(const at::Tensor& x, bool int4_order) {
   const int64_t M = x.size(0), K = x.size(1);
   Activations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, K / QK}, x.options()),
-                odd_even ? at::empty({M, K / QK}, x.options()) : at::Tensor(), K / QK};
+                int4_order ? at::empty({M, K / QK}, x.options()) : at::Tensor(), K / QK};
   for (int64_t m = 0; m < M; ++m)
     quantize_row(x.data_ptr<float>() + m * K, K, a.q.data_ptr<int8_t>() + m * K, a.d.data_ptr<float>() + m * a.nb,
-                 odd_even ? a.sums.data_ptr<float>() + m * a.nb : nullptr, odd_even);
+                 int4_order ? a.sums.data_ptr<float>() + m * a.nb : nullptr, int4_order);
   return a;
 }
 
@@ -142,27 +169,45 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
-// scale: [R][8] floats, this block's weight scale times each row's activation scale
+// Two int4 blocks b, b + 1 for R rows: their 32 bytes unpack into the even inputs of both (low nibbles) and
+// the odd inputs of both (high nibbles), matched by the activations' order (quantize_row). The integer sums
+// of b land in the low four lanes, those of b + 1 in the high four; lanes picks their scales (each block's
+// weight scale times the row's activation scale) from scale [R].
 template <int R>
-inline void q4_block(const uint8_t* w, int64_t b, const int8_t* q, const float* scale, int64_t K, __m256* acc) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2)));
-  const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+inline void q4_pair(const uint8_t* w, const int8_t* q, int64_t K, const __m256* scale, __m256i lanes, __m256* acc) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i even = _mm256_and_si256(bytes, low), odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
   for (int r = 0; r < R; ++r) {
-    const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(v, load32(q + r * K + b * QK)));
-    acc[r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(scale + 8 * r), acc[r]);
+    const __m256i dot = dot2_u8s8(even, load32(q + r * K), odd, load32(q + r * K + QK));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(scale[r], lanes), acc[r]);
   }
 }
 
-// Blocks go by eight: their float16 scales and offsets convert in one instruction each, the scales
-// multiply the activations' in one, and the offsets' terms add into the same eight lanes as the products.
+// A last block alone (an odd number of blocks): its 16 bytes unpack into its even inputs, then its odd ones.
 template <int R>
-void q4_output(const uint8_t* w, const at::Half* s, const at::Half* o, const int8_t* q, const float* d,
-               const float* sums, int64_t K, int64_t nb, float* y, int64_t ldy) {
-  __m256 even[R], odd[R];
-  alignas(32) float scale[R * 8];
+inline void q4_block(const uint8_t* w, const int8_t* q, int64_t K, const float* scale, __m256* acc) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+  for (int r = 0; r < R; ++r)
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(v, load32(q + r * K))), _mm256_set1_ps(scale[r]), acc[r]);
+}
+
+// Blocks go by eight: their float16 scales and offsets convert in one instruction each, the scales
+// multiply the activations' in one, the offsets' terms add into the same lanes as the products, and each
+// pair of blocks takes its two scales from those eight with one permutation.
+// (Kept out of the thread's loop: inlined there, the one-row case measured slower.)
+template <int R>
+__attribute__((noinline)) void q4_output(const uint8_t* w, const at::Half* s, const at::Half* o, const int8_t* q,
+                                         const float* d, const float* sums, int64_t K, int64_t nb, float* y,
+                                         int64_t ldy) {
+  __m256 acc[R], scale[R], offsets[R <= 2 ? R : 1];  // the products' sums; the offsets' terms
+  // For one or two rows the offsets' terms get sums of their own, so that fewer additions wait on each
+  // other; for more, the registers would run out (measured: each choice is slower the other way).
   float tail[R];
   for (int r = 0; r < R; ++r) {
-    even[r] = odd[r] = _mm256_setzero_ps();
+    acc[r] = _mm256_setzero_ps();
+    if constexpr (R <= 2) offsets[r] = _mm256_setzero_ps();
     tail[r] = 0.f;
   }
   int64_t b0 = 0;
@@ -172,22 +217,42 @@ void q4_output(const uint8_t* w, const at::Half* s, const at::Half* o, const int
     _mm_prefetch(ahead + 64, _MM_HINT_T0);
     const __m256 s8 = load_half8(s + b0), o8 = load_half8(o + b0);
     for (int r = 0; r < R; ++r) {
-      _mm256_store_ps(scale + 8 * r, _mm256_mul_ps(s8, _mm256_loadu_ps(d + r * nb + b0)));
-      odd[r] = _mm256_fmadd_ps(o8, _mm256_loadu_ps(sums + r * nb + b0), odd[r]);
+      scale[r] = _mm256_mul_ps(s8, _mm256_loadu_ps(d + r * nb + b0));
+      const __m256 sum8 = _mm256_loadu_ps(sums + r * nb + b0);
+      if constexpr (R <= 2)
+        offsets[r] = _mm256_fmadd_ps(o8, sum8, offsets[r]);
+      else
+        acc[r] = _mm256_fmadd_ps(o8, sum8, acc[r]);
     }
     for (int j = 0; j < 8; j += 2) {
-      q4_block<R>(w, b0 + j, q, scale + j, K, even);
-      q4_block<R>(w, b0 + j + 1, q, scale + j + 1, K, odd);
+      // blocks j and j + 1: their scales from lanes j and j + 1
+      const __m256i lanes = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
+      q4_pair<R>(w + (b0 + j) * (QK / 2), q + (b0 + j) * QK, K, scale, lanes, acc);
     }
   }
-  for (int64_t b = b0; b < nb; ++b) {  // the last blocks, fewer than eight
+  for (int64_t b = b0; b < nb; b += 2) {  // the last blocks, fewer than eight
+    const bool alone = b + 1 == nb;
+    float single[R];
     for (int r = 0; r < R; ++r) {
-      scale[8 * r] = static_cast<float>(s[b]) * d[r * nb + b];
+      const float s0 = static_cast<float>(s[b]) * d[r * nb + b];
       tail[r] += static_cast<float>(o[b]) * sums[r * nb + b];
+      if (alone) {
+        single[r] = s0;
+        continue;
+      }
+      const float s1 = static_cast<float>(s[b + 1]) * d[r * nb + b + 1];
+      tail[r] += static_cast<float>(o[b + 1]) * sums[r * nb + b + 1];
+      scale[r] = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
     }
-    q4_block<R>(w, b, q, scale, K, even);
+    if (alone)
+      q4_block<R>(w + b * (QK / 2), q + b * QK, K, single, acc);
+    else
+      q4_pair<R>(w + b * (QK / 2), q + b * QK, K, scale, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), acc);
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(even[r], odd[r])) + tail[r];
+  for (int r = 0; r < R; ++r) {
+    if constexpr (R <= 2) acc[r] = _mm256_add_ps(acc[r], offsets[r]);
+    y[r * ldy] = hsum(acc[r]) + tail[r];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """generate.py: the decode loop against Hugging Face, batching, sampling, stopping, streaming, the CLI."""
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -152,6 +154,26 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
     finally:
         with torch.no_grad():
             model.output.weight.copy_(head)
+        model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
+
+
+def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
+    """A compiled CPU step holds the model's tensors in its graph (decode.CompiledStep): once setup_caches
+    replaces the caches, with ones of the same size too, it compiles anew and decodes as eager does, and
+    nothing keeps the old caches."""
+    _, model, _ = tiny
+    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
+    try:
+        prompts = [list(range(1, 30)), list(range(40, 70))]
+        eager = [run(model, p, 6) for p in prompts]
+        steps = Steps(model, compile=True)
+        assert run(model, prompts[0], 6, steps=steps) == eager[0]
+        old = weakref.ref(model.layers[0].attention.kv_cache.k_cache)
+        model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
+        assert run(model, prompts[1], 6, steps=steps) == eager[1]
+        gc.collect()
+        assert old() is None
+    finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 

@@ -98,16 +98,17 @@ def rounded_by_blocks(x):
     return (q.double() * (amax / 127).double()).view_as(x)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8])  # 5 and 8: a pass over four rows, then one, or a second four
-def test_cpu_kernels_against_float64_arithmetic(rows):
+# rows 5 and 8: a pass over four rows, then one, or a second four. blocks: int4 goes by eight blocks, then
+# by pairs: 26 is three times eight and a pair, 25 three times eight and a block alone.
+@pytest.mark.parametrize("rows,blocks", [(1, 26), (5, 26), (8, 25)])
+def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
     """qkernels.cpp's products, through the layers, equal float64 arithmetic on the input as they round it
     (int8 per block of 32) to float32's precision: int8, and int4 with groups of 32 and of 64 (a group's
-    scale over two blocks), for an odd number of outputs and of blocks (26: three times eight, then two),
-    with a block of zeros and a row of one value."""
+    scale over two blocks), for an odd number of outputs, with a block of zeros and a row of one value."""
     if not qlinear.cpu_kernels():
         pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
     torch.manual_seed(0)
-    K, N = 32 * 26, 75
+    K, N = 32 * blocks, 75
     w = torch.randn(N, K) * 0.05
     x = torch.randn(rows, K) * 3 + torch.randn(rows, 1)
     x[0, 32:64] = 0
@@ -118,7 +119,7 @@ def test_cpu_kernels_against_float64_arithmetic(rows):
     assert int8.kernel_rows >= rows
     expected = rounded_by_blocks(x) @ (int8.weight.double() * int8.scales.double()[:, None]).t()
     torch.testing.assert_close(int8(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    for groupsize in (32, 64):
+    for groupsize in (32, 64) if blocks % 2 == 0 else (32,):
         int4 = qlinear.Int4Linear(K, N, groupsize=groupsize)
         int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, groupsize)
         int4.prepare()
