@@ -235,8 +235,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
     model.load_state_dict(state, assign=True, strict=False)
     if tied and layout.first and layout.last:
         model.output.weight = model.tok_embeddings.weight
-    if quantization:
-        qlinear.prepare(model)
+    qlinear.prepare(model)
     if layout.tp > 1:
         tp.add_all_reduces(model, layout.tp_group)
     return model.eval().requires_grad_(False)

@@ -1,8 +1,11 @@
-"""The quantized linear layers that loading puts in place of nn.Linear, and the int4 storage format.
+"""The linear layers that loading puts in place of nn.Linear: quantized ones, the int4 storage format, and
+float16 / bfloat16 ones for CPUs without instructions for those.
 
 - Int8Linear: symmetric int8, one scale per output channel: w = q * scale, q in [-127, 127].
 - Int4Linear: asymmetric int4, one scale and zero point per group of `groupsize` inputs:
   w = (q - 8) * scale + zero, q in [0, 15], stored two to a byte (even input index in the low nibble).
+- HalfLinear: nn.Linear, with bfloat16 or float16 weights on a CPU that has no products for them (AVX2):
+  our own product up to HALF_KERNEL_ROWS rows, float32's for more.
 
 Which kernel runs:
 - On a CPU with AVX2, int8 and int4 alike: our own products of qkernels.cpp, built for the machine at load
@@ -22,7 +25,8 @@ Which kernel runs:
   own int4 kernel: decode.frozen_settings); for a prompt of many rows, the weight dequantized and the float
   matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
-quantize.py writes these layers' tensors; checkpoint.py builds the layers and loads them.
+quantize.py writes the quantized layers' tensors; checkpoint.py builds the layers, loads them and calls
+prepare(), which also makes float layers HalfLinear where it runs them.
 """
 import functools
 import hashlib
@@ -44,6 +48,9 @@ INT4_FUSED_MAX_ROWS = 128
 # instructions of their own, ours run up to these many rows and PyTorch's take longer prompts. Without
 # them, PyTorch's were 5x (bfloat16) to 25x (int8) slower than ours for a 512-row prompt, and ours run all.
 KERNEL_MAX_ROWS = 8
+# HalfLinear's kernel reads the weight once for all rows, and past these many its float32 multiply-adds take
+# longer than converting the weight and PyTorch's float32 product (measured crossover: BENCHMARKS.md).
+HALF_KERNEL_ROWS = 64
 # The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
 # weights' error.
@@ -263,6 +270,32 @@ def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
     return w.view(out_features, -1)
 
 
+class HalfLinear(nn.Linear):
+    """nn.Linear with bfloat16 or float16 weights on a CPU that has no instructions for their products
+    (prepare() puts it in place of nn.Linear there: AVX2, and AVX-512 without BF16 or FP16). PyTorch's
+    products then convert as they go and run at the same few GFLOP/s at any number of rows (BENCHMARKS.md):
+    well below the memory's speed for a decode step, and a sixth of float32's for a prompt. Up to
+    HALF_KERNEL_ROWS rows, qkernels.cpp's half_linear converts the weight in registers, reading it once for
+    all rows; more rows (a prompt) multiply in float32, the weight converted once per product. Both sum in
+    float32, as PyTorch's do, and the output is rounded to the input's dtype."""
+
+    def forward(self, x):
+        if x[..., 0].numel() <= HALF_KERNEL_ROWS:
+            y = torch.ops.nimblelm.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
+            y = y.reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x.float(), self.weight.float())
+        y = y.to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    @staticmethod
+    def runs(weight: torch.Tensor) -> bool:
+        """Whether this layer should run a weight (on the CPU, of a dtype the CPU has no products for)."""
+        needs = {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}.get(weight.dtype)
+        return (weight.device.type == "cpu" and needs is not None and needs not in cpu_features()
+                and bool(cpu_kernels()))
+
+
 def replace_linears(model: nn.Module, quantization: dict):
     """Swap every nn.Linear of the model (built on the meta device) for its quantized counterpart."""
     mode, groupsize = quantization["mode"], quantization.get("groupsize")
@@ -296,7 +329,7 @@ def cpu_kernels() -> float:
         cpp_extension.load(name, [source], extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False)
     except Exception as e:  # the compiler's own report is long; its first line says which step failed
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"nimblelm: qkernels.cpp could not be built ({reason}); the quantized layers use PyTorch's kernels",
+        print(f"nimblelm: qkernels.cpp could not be built ({reason}); the linear layers use PyTorch's kernels",
               file=sys.stderr)
         return 0
 
@@ -306,6 +339,10 @@ def cpu_kernels() -> float:
 
     @torch.library.register_fake("nimblelm::q4_linear")
     def _(x, weight, scales, offsets):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("nimblelm::half_linear")
+    def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
     return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
 
@@ -323,7 +360,10 @@ def cpu_features() -> frozenset:
 
 def prepare(model: nn.Module):
     """Give every quantized layer what its kernels need on the device its weights are on: which rows our
-    CPU kernels run, int4's scales for them and repacked weights for PyTorch's, int8's weight sums."""
+    CPU kernels run, int4's scales for them and repacked weights for PyTorch's, int8's weight sums; and
+    make float linear layers HalfLinear where it runs their weights (a change of class: same tensors)."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
+        elif type(m) is nn.Linear and HalfLinear.runs(m.weight):
+            m.__class__ = HalfLinear

@@ -133,6 +133,33 @@ def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
         torch.testing.assert_close(int4(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_linear_against_float64_arithmetic(dtype):
+    """HalfLinear (bfloat16 and float16 weights where the CPU has no products for them) equals float64
+    arithmetic on its weights and input, to the output's rounding (once for the product, once for the bias):
+    one row, 11 (a pass over eight rows, then three), and more rows than its kernel runs (float32's product);
+    K of 8-input chunks and a tail. qlinear.prepare makes an nn.Linear one exactly where it runs the weight."""
+    if not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
+    g = torch.Generator().manual_seed(0)
+    K, N = 8 * 25 + 5, 75
+    model = nn.Sequential(nn.Linear(K, N, bias=True, dtype=dtype))
+    qlinear.prepare(model)
+    assert isinstance(model[0], qlinear.HalfLinear) == qlinear.HalfLinear.runs(model[0].weight)
+    layer = model[0]
+    layer.__class__ = qlinear.HalfLinear  # where prepare() would not choose it, still tested
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+        layer.bias.copy_(torch.randn(N, generator=g))
+        for rows in (1, 11, qlinear.HALF_KERNEL_ROWS + 3):
+            x = (torch.randn(1, rows, K, generator=g) * 3).to(dtype)
+            y = layer(x)
+            assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+            product = x.double() @ layer.weight.double().t()
+            bound = torch.finfo(dtype).eps / 2 * (2 * product.abs() + layer.bias.double().abs()) + 1e-6
+            assert ((y.double() - product - layer.bias.double()).abs() <= bound).all(), rows
+
+
 @pytest.mark.parametrize("backend,kernel", [("CPP", "micro_gemm"), ("ATEN", "qlinear_pointwise")])
 def test_frozen_int8_product_is_a_packed_kernel_with_int_mms_output(backend, kernel):
     """Compiled with the weights frozen (decode.frozen_settings: int8 models' decode steps), W8A8's product
