@@ -48,9 +48,9 @@ INT4_FUSED_MAX_ROWS = 128
 # instructions of their own, ours run up to these many rows and PyTorch's take longer prompts. Without
 # them, PyTorch's were 5x (bfloat16) to 25x (int8) slower than ours for a 512-row prompt, and ours run all.
 KERNEL_MAX_ROWS = 8
-# HalfLinear's kernel reads the weight once for all rows, and past these many its float32 multiply-adds take
-# longer than converting the weight and PyTorch's float32 product (measured crossover: BENCHMARKS.md).
-HALF_KERNEL_ROWS = 64
+# HalfLinear's kernel reads the weight once for all rows, but its float32 multiply-adds grow with every row:
+# near 64 rows converting the weight and PyTorch's float32 product took as long (BENCHMARKS.md), at 32 twice.
+HALF_KERNEL_ROWS = 32
 # The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
 # weights' error.
