@@ -272,28 +272,31 @@ def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
 
 class HalfLinear(nn.Linear):
     """nn.Linear with bfloat16 or float16 weights on a CPU that has no instructions for their products
-    (prepare() puts it in place of nn.Linear there: AVX2, and AVX-512 without BF16 or FP16). PyTorch's
-    products then convert as they go and run at the same few GFLOP/s at any number of rows (BENCHMARKS.md):
-    well below the memory's speed for a decode step, and a sixth of float32's for a prompt. Up to
-    HALF_KERNEL_ROWS rows, qkernels.cpp's half_linear converts the weight in registers, reading it once for
-    all rows; more rows (a prompt) multiply in float32, the weight converted once per product. Both sum in
-    float32, as PyTorch's do, and the output is rounded to the input's dtype."""
+    (prepare() puts it in place of nn.Linear there: see runs()). PyTorch's products then convert as they
+    go and run at the same few GFLOP/s at any number of rows (BENCHMARKS.md): well below the memory's
+    speed for a decode step, and a sixth of float32's for a prompt. Up to HALF_KERNEL_ROWS rows,
+    qkernels.cpp's half_linear converts the weight in registers, reading it once for all rows; more rows
+    (a prompt), or a layer cast to float32 since, multiply in float32, the weight converted once per
+    product. Both sum in float32, as PyTorch's do, and the output is rounded to the input's dtype."""
+
+    # the CPU flag that gives each dtype products of its own (measured without them: AVX2 only)
+    NEEDS = {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}
+
+    @classmethod
+    def runs(cls, weight: torch.Tensor) -> bool:
+        """Whether this layer should run a weight: on the CPU, of a dtype the CPU has no products for."""
+        needs = cls.NEEDS.get(weight.dtype)
+        return (weight.device.type == "cpu" and needs is not None and needs not in cpu_features()
+                and bool(cpu_kernels()))
 
     def forward(self, x):
-        if x[..., 0].numel() <= HALF_KERNEL_ROWS:
+        if x[..., 0].numel() <= HALF_KERNEL_ROWS and self.weight.dtype in self.NEEDS:
             y = torch.ops.nimblelm.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
             y = y.reshape(*x.shape[:-1], -1)
         else:
             y = F.linear(x.float(), self.weight.float())
         y = y.to(x.dtype)
         return y + self.bias if self.bias is not None else y
-
-    @staticmethod
-    def runs(weight: torch.Tensor) -> bool:
-        """Whether this layer should run a weight (on the CPU, of a dtype the CPU has no products for)."""
-        needs = {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}.get(weight.dtype)
-        return (weight.device.type == "cpu" and needs is not None and needs not in cpu_features()
-                and bool(cpu_kernels()))
 
 
 def replace_linears(model: nn.Module, quantization: dict):
