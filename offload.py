@@ -228,8 +228,11 @@ class Buffers:
         self.buffers, self.slots = buffers, len(buffers)
         self.buffer_tensors = [tensors_of(b) for b in buffers]
         self.pointers = [Pointer(block, list(self.buffer_tensors[0])) for block in blocks]
-        for block in blocks:  # the kernels qlinear.prepare chose for a buffer's layers (not tensors) hold for theirs
+        # what qlinear.prepare chose for a buffer's layers (not tensors) holds for theirs: the kernels, and the
+        # class (a float layer that became HalfLinear)
+        for block in blocks:
             for mine, theirs in zip(block.modules(), buffers[0].modules()):
+                mine.__class__ = type(theirs)
                 if hasattr(theirs, "kernel_rows"):
                     mine.kernel_rows = theirs.kernel_rows
         for j in range(len(blocks)):
