@@ -99,9 +99,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         if x[..., 0].numel() <= self.kernel_rows:
-            y = torch.ops.nimblelm.q8_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight,
-                                             self.scales.float())  # a no-op unless the module was cast since
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            # (.float(): a no-op unless the module was cast since)
+            y = cpu_kernel(torch.ops.nimblelm.q8_linear, x, self.weight, self.scales.float())
         elif self.weight_sums is not None:
             y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
                                        self.row_range, (self.unit_scales, self.zero_points))
@@ -203,9 +202,8 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         rows = x[..., 0].numel()
         if rows <= self.kernel_rows:
-            y = torch.ops.nimblelm.q4_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight,
-                                             self.block_scales.half(), self.block_offsets.half())  # (as for int8)
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            y = cpu_kernel(torch.ops.nimblelm.q4_linear, x, self.weight, self.block_scales.half(),
+                           self.block_offsets.half())  # (as for int8)
         elif self.packed is not None and rows <= INT4_FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
@@ -291,12 +289,17 @@ class HalfLinear(nn.Linear):
 
     def forward(self, x):
         if x[..., 0].numel() <= HALF_KERNEL_ROWS and self.weight.dtype in self.NEEDS:
-            y = torch.ops.nimblelm.half_linear(x.reshape(-1, self.in_features).float().contiguous(), self.weight)
-            y = y.reshape(*x.shape[:-1], -1)
+            y = cpu_kernel(torch.ops.nimblelm.half_linear, x, self.weight)
         else:
-            y = F.linear(x.float(), self.weight.float())
-        y = y.to(x.dtype)
+            y = F.linear(x.float(), self.weight.float()).to(x.dtype)
         return y + self.bias if self.bias is not None else y
+
+
+def cpu_kernel(op, x: torch.Tensor, *args) -> torch.Tensor:
+    """One of qkernels.cpp's products (cpu_kernels) over x [..., K]: x's rows as the contiguous float32
+    [rows, K] it takes, its float32 [rows, N] back in x's shape and dtype."""
+    y = op(x.reshape(-1, x.shape[-1]).float().contiguous(), *args)
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def replace_linears(model: nn.Module, quantization: dict):
