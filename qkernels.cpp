@@ -197,13 +197,41 @@ inline void q4_block(const uint8_t* w, const int8_t* q, int64_t K, const float* 
 
 // Blocks go by eight: their float16 scales and offsets convert in one instruction each, the scales
 // multiply the activations' in one, the offsets' terms add into the same lanes as the products, and each
-// pair of blocks takes its two scales from those eight with one permutation.
+// pair of blocks takes its two scales from those eight with one permutation. The eight from base on, of
+// which blocks before base + first are done already (a row's last blocks, fewer than eight: the eight that
+// end the row are read again, and those already done are masked out, which measured faster than taking
+// the last blocks one pair at a time).
+template <int R>
+inline void q4_octet(const uint8_t* w, const at::Half* s, const at::Half* o, const int8_t* q, const float* d,
+                     const float* sums, int64_t K, int64_t nb, int64_t base, int first, __m256* acc, __m256* offsets) {
+  const char* ahead = reinterpret_cast<const char*>(w + base * (QK / 2) + PREFETCH);
+  _mm_prefetch(ahead, _MM_HINT_T0);
+  _mm_prefetch(ahead + 64, _MM_HINT_T0);
+  const __m256 todo = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first - 1)));
+  const __m256 s8 = load_half8(s + base), o8 = _mm256_and_ps(load_half8(o + base), todo);
+  __m256 scale[R];
+  for (int r = 0; r < R; ++r) {
+    scale[r] = _mm256_mul_ps(s8, _mm256_loadu_ps(d + r * nb + base));
+    const __m256 sum8 = _mm256_loadu_ps(sums + r * nb + base);
+    if constexpr (R <= 2)
+      offsets[r] = _mm256_fmadd_ps(o8, sum8, offsets[r]);
+    else
+      acc[r] = _mm256_fmadd_ps(o8, sum8, acc[r]);
+  }
+  for (int j = first; j < 8; j += 2) {
+    // blocks j and j + 1: their scales from lanes j and j + 1
+    const __m256i lanes = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
+    q4_pair<R>(w + (base + j) * (QK / 2), q + (base + j) * QK, K, scale, lanes, acc);
+  }
+}
+
 // (Kept out of the thread's loop: inlined there, the one-row case measured slower.)
 template <int R>
 __attribute__((noinline)) void q4_output(const uint8_t* w, const at::Half* s, const at::Half* o, const int8_t* q,
                                          const float* d, const float* sums, int64_t K, int64_t nb, float* y,
                                          int64_t ldy) {
-  __m256 acc[R], scale[R], offsets[R <= 2 ? R : 1];  // the products' sums; the offsets' terms
+  __m256 acc[R], offsets[R <= 2 ? R : 1];  // the products' sums; the offsets' terms
   // For one or two rows the offsets' terms get sums of their own, so that fewer additions wait on each
   // other; for more, the registers would run out (measured: each choice is slower the other way).
   float tail[R];
@@ -213,28 +241,15 @@ __attribute__((noinline)) void q4_output(const uint8_t* w, const at::Half* s, co
     tail[r] = 0.f;
   }
   int64_t b0 = 0;
-  for (; b0 + 8 <= nb; b0 += 8) {
-    const char* ahead = reinterpret_cast<const char*>(w + b0 * (QK / 2) + PREFETCH);
-    _mm_prefetch(ahead, _MM_HINT_T0);
-    _mm_prefetch(ahead + 64, _MM_HINT_T0);
-    const __m256 s8 = load_half8(s + b0), o8 = load_half8(o + b0);
-    for (int r = 0; r < R; ++r) {
-      scale[r] = _mm256_mul_ps(s8, _mm256_loadu_ps(d + r * nb + b0));
-      const __m256 sum8 = _mm256_loadu_ps(sums + r * nb + b0);
-      if constexpr (R <= 2)
-        offsets[r] = _mm256_fmadd_ps(o8, sum8, offsets[r]);
-      else
-        acc[r] = _mm256_fmadd_ps(o8, sum8, acc[r]);
-    }
-    for (int j = 0; j < 8; j += 2) {
-      // blocks j and j + 1: their scales from lanes j and j + 1
-      const __m256i lanes = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
-      q4_pair<R>(w + (b0 + j) * (QK / 2), q + (b0 + j) * QK, K, scale, lanes, acc);
-    }
+  for (; b0 + 8 <= nb; b0 += 8) q4_octet<R>(w, s, o, q, d, sums, K, nb, b0, 0, acc, offsets);
+  if (b0 < nb && nb >= 8 && nb % 2 == 0) {
+    q4_octet<R>(w, s, o, q, d, sums, K, nb, nb - 8, static_cast<int>(b0 - (nb - 8)), acc, offsets);
+    b0 = nb;
   }
-  for (int64_t b = b0; b < nb; b += 2) {  // the last blocks, fewer than eight
+  for (int64_t b = b0; b < nb; b += 2) {  // the last blocks of a short row, or of an odd number of blocks
     const bool alone = b + 1 == nb;
     float single[R];
+    __m256 scale[R];
     for (int r = 0; r < R; ++r) {
       const float s0 = static_cast<float>(s[b]) * d[r * nb + b];
       tail[r] += static_cast<float>(o[b]) * sums[r * nb + b];

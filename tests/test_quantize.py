@@ -99,8 +99,9 @@ def rounded_by_blocks(x):
 
 
 # rows 5 and 8: a pass over four rows, then one, or a second four. blocks: int4 goes by eight blocks, then
-# by pairs: 26 is three times eight and a pair, 25 three times eight and a block alone.
-@pytest.mark.parametrize("rows,blocks", [(1, 26), (5, 26), (8, 25)])
+# the last eight again, those done masked out: 26 is three times eight and a pair; 25 ends on a block alone,
+# and 4 is fewer than eight, both taken a pair (or a block) at a time.
+@pytest.mark.parametrize("rows,blocks", [(1, 26), (5, 26), (8, 25), (2, 4)])
 def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
     """qkernels.cpp's products, through the layers, equal float64 arithmetic on the input as they round it
     (int8 per block of 32) to float32's precision: int8, and int4 with groups of 32 and of 64 (a group's
