@@ -235,9 +235,9 @@ def _call(fn, args):
 # frame, a hundred times a step and more. Where the wrapper lands near the end of a chunk, every one of
 # those calls maps and unmaps one: 121 per int4 step here, a third of the step's time (BENCHMARKS.md).
 # call_with_room(fn, args) calls fn(*args) from a frame with STEP_FRAME_ROOM unused value-stack slots of 8
-# bytes: too large for what is left of the chunks a step is called from, it gets a fresh one, of twice its size (CPython sizes a new chunk for
-# the frame and 8,000 bytes more, in powers of two), and what it calls has the other half to itself. A
-# wrapper larger than that half starts a chunk of its own, as large again.
+# bytes: too large for what is left of the chunks a step is called from, it gets a fresh one, of twice its
+# size (CPython sizes a new chunk for the frame and 8,000 bytes more, in powers of two), and what it calls
+# has the other half to itself. A wrapper larger than that half starts a chunk of its own, as large again.
 STEP_FRAME_ROOM = 4000
 call_with_room = types.FunctionType(
     _call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + STEP_FRAME_ROOM), globals(), "call_with_room")
