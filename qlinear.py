@@ -168,10 +168,9 @@ class Int4Linear(nn.Module):
         # PyTorch's CPU kernel's layout and scales, made by prepare()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
-        # qkernels.cpp's scales and offsets (zero - 8 * scale), [out, in / 32] float16: one per block of 32
-        # inputs, a group's repeated over its blocks (made by prepare())
-        self.register_buffer("block_scales", None, persistent=False)
-        self.register_buffer("block_offsets", None, persistent=False)
+        # qkernels.cpp's copy of the layer, made by prepare(): its values, and a float16 scale and offset
+        # (zero - 8 * scale) per block of 32 inputs, eight output channels interleaved (pack_int4_for_kernel)
+        self.register_buffer("kernel_weight", None, persistent=False)
         self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer
 
     def prepare(self):
@@ -182,12 +181,12 @@ class Int4Linear(nn.Module):
         self.kernel_rows = cpu_kernels() if self.groupsize % 32 == 0 else 0
         if self.kernel_rows:
             scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
-            scale, offset = (t.repeat_interleave(self.groupsize // 32, dim=1).half() for t in (scale, zero - 8 * scale))
-            if self.block_scales is None:
-                self.block_scales, self.block_offsets = scale, offset
+            scale, offset = (t.repeat_interleave(self.groupsize // 32, dim=1) for t in (scale, zero - 8 * scale))
+            kernel_weight = pack_int4_for_kernel(self.weight, scale, offset)
+            if self.kernel_weight is None:
+                self.kernel_weight = kernel_weight
             else:
-                self.block_scales.copy_(scale)
-                self.block_offsets.copy_(offset)
+                self.kernel_weight.copy_(kernel_weight)
         if self.kernel_rows == float("inf") or self.out_features % 16:  # (its blocks are of 16 channels)
             return  # PyTorch's kernel would never run, or cannot
         packed = pack_int4_for_cpu(self.weight)
@@ -202,8 +201,7 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         rows = x[..., 0].numel()
         if rows <= self.kernel_rows:
-            y = cpu_kernel(torch.ops.nimblelm.q4_linear, x, self.weight, self.block_scales.half(),
-                           self.block_offsets.half())  # (as for int8)
+            y = cpu_kernel(torch.ops.nimblelm.q4_linear, x, self.kernel_weight, self.out_features)
         elif self.packed is not None and rows <= INT4_FUSED_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
@@ -223,6 +221,25 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[out, in] values 0..15 -> [out, in / 2] bytes."""
     q = q.to(torch.uint8)
     return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def pack_int4_for_kernel(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Our [out, in / 2] bytes, with a scale and an offset per block of 32 inputs ([out, in / 32] each), in
+    the layout of qkernels.cpp's q4_linear, which makes eight outputs at once, one in each lane of a vector:
+    [ceil(out / 8), in / 32, 160] bytes. For each eight output channels (zeros past the last) and each
+    block, 128 bytes of values, then the eight channels' float16 scales, then their offsets. The values are
+    four vectors of 32 bytes: vector j holds, at bytes 4r..4r + 3, channel r's inputs 4j..4j + 3 of the
+    block in the low nibbles and 16 + 4j..16 + 4j + 3 in the high ones."""
+    out_features, blocks = scales.shape
+    groups, pad = -(-out_features // 8), -out_features % 8
+    v = F.pad(unpack_int4(packed), (0, 0, 0, pad)).view(groups, 8, blocks, 2, 4, 4)  # [g, r, b, high, j, i]
+    v = v.permute(0, 2, 3, 4, 1, 5)  # [g, b, high, j, r, i]
+    values = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(groups, blocks, 128)
+
+    def lanes(t):  # [out, blocks] -> [groups, blocks, 8 float16 = 16 bytes]
+        t = F.pad(t.half(), (0, 0, 0, pad)).view(groups, 8, blocks).transpose(1, 2)
+        return t.contiguous().view(torch.uint8)
+    return torch.cat([values, lanes(scales), lanes(offsets)], dim=-1)
 
 
 def pack_int4_for_cpu(packed: torch.Tensor) -> torch.Tensor:
@@ -344,8 +361,8 @@ def cpu_kernels() -> float:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("nimblelm::q4_linear")
-    def _(x, weight, scales, offsets):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, n):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("nimblelm::half_linear")
     def _(x, weight):

@@ -98,9 +98,8 @@ def rounded_by_blocks(x):
     return (q.double() * (amax / 127).double()).view_as(x)
 
 
-# rows 5 and 8: a pass over four rows, then one, or a second four. blocks: int4 goes by eight blocks, then
-# the last eight again, those done masked out: 26 is three times eight and a pair; 25 ends on a block alone,
-# and 4 is fewer than eight, both taken a pair (or a block) at a time.
+# rows 5 and 8: a pass over four rows, then one, or a second four. blocks: int8 goes by pairs of blocks, and
+# 25 ends on a block alone. 75 outputs: int4 makes eight at once, and its last eight are three of padding.
 @pytest.mark.parametrize("rows,blocks", [(1, 26), (5, 26), (8, 25), (2, 4)])
 def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
     """qkernels.cpp's products, through the layers, equal float64 arithmetic on the input as they round it
@@ -124,10 +123,11 @@ def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
         int4 = qlinear.Int4Linear(K, N, groupsize=groupsize)
         int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, groupsize)
         int4.prepare()
-        assert int4.kernel_rows >= rows and int4.block_scales.shape == (N, K // 32)
-        # the weight as the kernel reads it: each block's scale and offset in float16
-        deq = (qlinear.unpack_int4(int4.weight).double().view(N, -1, 32) * int4.block_scales.double()[..., None]
-               + int4.block_offsets.double()[..., None]).view(N, K)
+        assert int4.kernel_rows >= rows
+        # the weight as the kernel reads it: each block's scale and offset (zero - 8 * scale) in float16
+        scale, zero = int4.scales_and_zeros.double().repeat_interleave(groupsize // 32, dim=0).unbind(-1)
+        scale, offset = (t.t().half().double()[..., None] for t in (scale, zero - 8 * scale))  # [N, blocks, 1]
+        deq = (qlinear.unpack_int4(int4.weight).double().view(N, -1, 32) * scale + offset).view(N, K)
         torch.testing.assert_close(deq, qlinear.dequantize_int4(int4.weight, int4.scales_and_zeros, groupsize).double(),
                                    rtol=0, atol=2e-3 * w.abs().max().item())  # float16's rounding of the scales
         expected = rounded_by_blocks(x) @ deq.t()
