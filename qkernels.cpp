@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "these kernels need AVX2, FMA and F16C"
@@ -112,19 +113,23 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums) {
   }
 }
 
+// A step calls these ops a hundred times and more, each for a few rows: the rounded rows live in a buffer of
+// the calling thread's, kept from call to call, rather than in three new tensors per call.
 struct Activations {
-  at::Tensor q, d, sums;  // [M, K] int8, [M, K / 32] float, [M, K / 32] float (with_sums only)
-  int64_t nb;             // blocks per row
+  const int8_t* q;          // [M, K]
+  const float *d, *sums;    // [M, K / 32] each (sums: with_sums only)
+  int64_t nb;               // blocks per row
 };
 
 Activations quantize(const at::Tensor& x, bool with_sums) {
-  const int64_t M = x.size(0), K = x.size(1);
-  Activations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, K / QK}, x.options()),
-                with_sums ? at::empty({M, K / QK}, x.options()) : at::Tensor(), K / QK};
+  const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
+  thread_local std::vector<float> buffer;  // the scales and sums, then the int8 values
+  buffer.resize(2 * M * nb + M * K / 4);
+  float *d = buffer.data(), *sums = d + M * nb;
+  int8_t* q = reinterpret_cast<int8_t*>(sums + M * nb);
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x.data_ptr<float>() + m * K, K, a.q.data_ptr<int8_t>() + m * K, a.d.data_ptr<float>() + m * a.nb,
-                 with_sums ? a.sums.data_ptr<float>() + m * a.nb : nullptr);
-  return a;
+    quantize_row(x.data_ptr<float>() + m * K, K, q + m * K, d + m * nb, with_sums ? sums + m * nb : nullptr);
+  return {q, d, sums, nb};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -311,8 +316,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
                   weight.size(1) == K, "weight: a contiguous [N, K] int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N, "scales: [N] float32");
   const Activations a = quantize(x, false);
-  const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q.data_ptr<int8_t>();
-  const float *sc = scales.data_ptr<float>(), *d = a.d.data_ptr<float>();
+  const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q;
+  const float *sc = scales.data_ptr<float>(), *d = a.d;
   return product<MAX_ROWS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
   });
@@ -327,8 +332,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
                   weight.size(2) == Q4_BLOCK_BYTES, "weight: a contiguous [ceil(N / 8), K / 32, 160] uint8");
   const Activations a = quantize(x, true);
   const uint8_t* w = weight.data_ptr<uint8_t>();
-  const int8_t* q = a.q.data_ptr<int8_t>();
-  const float *d = a.d.data_ptr<float>(), *sums = a.sums.data_ptr<float>();
+  const int8_t* q = a.q;
+  const float *d = a.d, *sums = a.sums;
   return product<MAX_ROWS, Q4_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q4_output<decltype(R)::value>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K,
                                   nb, y, ldy, static_cast<int>(std::min<int64_t>(N - n, Q4_OUTPUTS)));
