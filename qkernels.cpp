@@ -340,6 +340,51 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
   });
 }
 
+// The int4 product's layout (top of this file) from our stored one: weight [N, K / 2] bytes, even input
+// in the low nibble; scales and offsets [N, K / 32] float16. In one pass, at load and, when layers are
+// streamed (offload.py), for every layer at every step.
+at::Tensor q4_pack(const at::Tensor& weight, const at::Tensor& scales, const at::Tensor& offsets) {
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 2 &&
+                  weight.size(1) % (QK / 2) == 0, "weight: a contiguous [N, K / 2] uint8, K a multiple of 32");
+  const int64_t N = weight.size(0), half_k = weight.size(1), nb = half_k / (QK / 2);
+  for (const at::Tensor* t : {&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * nb,
+                "scales, offsets: contiguous [N, K / 32] float16");
+  const int64_t groups = (N + Q4_OUTPUTS - 1) / Q4_OUTPUTS;
+  at::Tensor packed = at::empty({groups, nb, Q4_BLOCK_BYTES}, weight.options());
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const at::Half *s = scales.data_ptr<at::Half>(), *o = offsets.data_ptr<at::Half>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* values = out + (g * nb + b) * Q4_BLOCK_BYTES;
+        at::Half* lanes = reinterpret_cast<at::Half*>(values + Q4_VALUE_BYTES);  // scales, then offsets
+        for (int r = 0; r < Q4_OUTPUTS; ++r) {
+          const int64_t n = g * Q4_OUTPUTS + r;
+          // byte p of a block: inputs 2p (low nibble) and 2p + 1 (high); the first 8 bytes hold inputs
+          // 0..15, the last 8 inputs 16..31. Input k pairs with input 16 + k in one byte, in order of k.
+          uint64_t first = 0, last = 0;
+          if (n < N) {
+            std::memcpy(&first, w + n * half_k + b * (QK / 2), 8);
+            std::memcpy(&last, w + n * half_k + b * (QK / 2) + 8, 8);
+          }
+          constexpr uint64_t low = 0x0F0F0F0F0F0F0F0FULL;
+          const uint64_t even = (first & low) | ((last & low) << 4);          // inputs 2p and 16 + 2p
+          const uint64_t odd = ((first >> 4) & low) | (last & ~low);          // inputs 2p + 1 and 17 + 2p
+          const __m128i paired = _mm_unpacklo_epi8(_mm_cvtsi64_si128(static_cast<int64_t>(even)),
+                                                   _mm_cvtsi64_si128(static_cast<int64_t>(odd)));
+          alignas(16) uint8_t bytes[16];  // byte k: inputs k and 16 + k
+          _mm_store_si128(reinterpret_cast<__m128i*>(bytes), paired);
+          for (int j = 0; j < 4; ++j) std::memcpy(values + 32 * j + 4 * r, bytes + 4 * j, 4);
+          lanes[r] = n < N ? s[n * nb + b] : at::Half(0.f);
+          lanes[Q4_OUTPUTS + r] = n < N ? o[n * nb + b] : at::Half(0.f);
+        }
+      }
+  });
+  return packed;
+}
+
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
   check_input(x, 1);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -361,10 +406,12 @@ TORCH_LIBRARY(nimblelm, m) {
   m.def("q8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("q4_linear(Tensor x, Tensor weight, int N) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("q4_pack(Tensor weight, Tensor scales, Tensor offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("q8_linear", q8_linear);
   m.impl("q4_linear", q4_linear);
   m.impl("half_linear", half_linear);
+  m.impl("q4_pack", q4_pack);
 }

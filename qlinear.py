@@ -229,17 +229,9 @@ def pack_int4_for_kernel(packed: torch.Tensor, scales: torch.Tensor, offsets: to
     [ceil(out / 8), in / 32, 160] bytes. For each eight output channels (zeros past the last) and each
     block, 128 bytes of values, then the eight channels' float16 scales, then their offsets. The values are
     four vectors of 32 bytes: vector j holds, at bytes 4r..4r + 3, channel r's inputs 4j..4j + 3 of the
-    block in the low nibbles and 16 + 4j..16 + 4j + 3 in the high ones."""
-    out_features, blocks = scales.shape
-    groups, pad = -(-out_features // 8), -out_features % 8
-    v = F.pad(unpack_int4(packed), (0, 0, 0, pad)).view(groups, 8, blocks, 2, 4, 4)  # [g, r, b, high, j, i]
-    v = v.permute(0, 2, 3, 4, 1, 5)  # [g, b, high, j, r, i]
-    values = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(groups, blocks, 128)
-
-    def lanes(t):  # [out, blocks] -> [groups, blocks, 8 float16 = 16 bytes]
-        t = F.pad(t.half(), (0, 0, 0, pad)).view(groups, 8, blocks).transpose(1, 2)
-        return t.contiguous().view(torch.uint8)
-    return torch.cat([values, lanes(scales), lanes(offsets)], dim=-1)
+    block in the low nibbles and 16 + 4j..16 + 4j + 3 in the high ones. qkernels.cpp's q4_pack does it in one
+    pass: streamed layers (offload.py) are repacked at every step."""
+    return torch.ops.nimblelm.q4_pack(packed, scales.half().contiguous(), offsets.half().contiguous())
 
 
 def pack_int4_for_cpu(packed: torch.Tensor) -> torch.Tensor:
@@ -363,6 +355,10 @@ def cpu_kernels() -> float:
     @torch.library.register_fake("nimblelm::q4_linear")
     def _(x, weight, n):
         return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("nimblelm::q4_pack")
+    def _(weight, scales, offsets):
+        return weight.new_empty(-(-weight.shape[0] // 8), scales.shape[1], 160)
 
     @torch.library.register_fake("nimblelm::half_linear")
     def _(x, weight):
