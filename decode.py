@@ -272,7 +272,7 @@ def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
     if model.dtype_device()[1].type != "cpu":
         return None
     quantized = (m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
-    quantized = [m for m in quantized if rows > m.kernel_rows]  # qkernels.cpp reads the weights as stored
+    quantized = [m for m in quantized if rows > m.kernel_rows]  # qkernels.cpp reads what prepare() left
     if any(getattr(m, "weight_sums", None) is not None or getattr(m, "packed", None) is not None for m in quantized):
         # (autotuning's tables and its summary of choices stay off stderr, where Inductor prints them)
         return {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,

@@ -114,7 +114,7 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums) {
 }
 
 // A step calls these ops a hundred times and more, each for a few rows: the rounded rows live in a buffer of
-// the calling thread's, kept from call to call, rather than in three new tensors per call.
+// the calling thread's, kept from call to call, rather than in two or three new tensors per call.
 struct Activations {
   const int8_t* q;          // [M, K]
   const float *d, *sums;    // [M, K / 32] each (sums: with_sums only)
