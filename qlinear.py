@@ -225,11 +225,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def pack_int4_for_kernel(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Our [out, in / 2] bytes, with a scale and an offset per block of 32 inputs ([out, in / 32] each), in
-    the layout of qkernels.cpp's q4_linear, which makes eight outputs at once, one in each lane of a vector:
-    [ceil(out / 8), in / 32, 160] bytes. For each eight output channels (zeros past the last) and each
-    block, 128 bytes of values, then the eight channels' float16 scales, then their offsets. The values are
-    four vectors of 32 bytes: vector j holds, at bytes 4r..4r + 3, channel r's inputs 4j..4j + 3 of the
-    block in the low nibbles and 16 + 4j..16 + 4j + 3 in the high ones. qkernels.cpp's q4_pack does it in one
+    the layout of qkernels.cpp's q4_linear (described at the top of that file): [ceil(out / 8), in / 32, 160]
+    bytes, eight output channels interleaved, zeros past the last. qkernels.cpp's q4_pack makes it in one
     pass: streamed layers (offload.py) are repacked at every step."""
     return torch.ops.nimblelm.q4_pack(packed, scales.half().contiguous(), offsets.half().contiguous())
 
@@ -328,8 +325,8 @@ def replace_linears(model: nn.Module, quantization: dict):
 
 @functools.cache
 def cpu_kernels() -> float:
-    """Build qkernels.cpp for this machine's CPU (-march=native) and register its products as
-    torch.ops.nimblelm.q8_linear and q4_linear, once a process; return up to how many rows they should run
+    """Build qkernels.cpp for this machine's CPU (-march=native) and register its ops as torch.ops.nimblelm
+    (q8_linear, q4_linear, half_linear; q4_pack), once a process; return up to how many rows they should run
     (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
     under a name that holds a digest of the CPU's features, so a machine builds it once, and a home shared
     by machines of different CPUs never runs one CPU's build on another. 0, with one line on stderr, where
@@ -355,10 +352,6 @@ def cpu_kernels() -> float:
     @torch.library.register_fake("nimblelm::q4_linear")
     def _(x, weight, n):
         return x.new_empty(x.shape[0], n)
-
-    @torch.library.register_fake("nimblelm::q4_pack")
-    def _(weight, scales, offsets):
-        return weight.new_empty(-(-weight.shape[0] // 8), scales.shape[1], 160)
 
     @torch.library.register_fake("nimblelm::half_linear")
     def _(x, weight):
