@@ -82,17 +82,28 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int]
     return logits.softmax(dim=-1)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for x [B, vocab] (the first index of each row's largest value), in two passes that
+    Inductor compiles into vectorised loops: the largest value, then the least index that holds it. Its
+    own argmax carries an index through a loop of one value at a time: several times slower over the
+    default model's vocabulary (BENCHMARKS.md), a step's largest kernel after the products at batch 8.
+    (A row whose largest value is NaN gives the last index.)"""
+    x = x.float()
+    index = torch.arange(x.shape[-1], device=x.device)
+    return torch.where(x == x.amax(dim=-1, keepdim=True), index, x.shape[-1] - 1).amin(dim=-1)
+
+
 def sample_from(probs: torch.Tensor) -> torch.Tensor:
     """One draw per row of probs [B, vocab]. Exponential race: argmax(p / E), E ~ Exp(1), is a draw from
     p and needs no host synchronisation."""
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+    return argmax(probs / torch.empty_like(probs).exponential_(1))
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None) -> torch.Tensor:
     """logits [B, vocab] -> tokens [B], on the device and without a host synchronisation."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     return sample_from(probabilities(logits, temperature, top_k, top_p))
 
 

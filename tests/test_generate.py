@@ -14,7 +14,7 @@ import decode as G
 from checkpoint import load_model
 from conftest import ROOT, converted_checkpoint
 from decode import Steps, TextStream, generate
-from sampling import SamplingParams, sample
+from sampling import SamplingParams, argmax, sample
 from tokenizer import get_tokenizer
 
 
@@ -97,6 +97,22 @@ def test_sampling_follows_the_distribution():
     # top_p 0.8: 2 (0.64) alone is short of 0.8, so 1 (0.24) is kept too, and nothing else
     draws = torch.stack([sample(logits, temperature=1.0, top_p=0.8) for _ in range(4000)]).flatten()
     assert set(draws.tolist()) == {1, 2}
+
+
+def test_argmax_equals_torch_argmax_eager_and_compiled():
+    """sampling.argmax (what greedy decoding and sampling use) against torch.argmax: the first of tied
+    maxima, rows all -inf, bfloat16 and float32 rows, eager and compiled."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, [7, 300, 999]] = 9.0  # ties: the first wins
+    x[2] = float("-inf")
+    x[3, 998:] = 9.0
+    x[4] = torch.randint(0, 3, (1000,), generator=g).float()  # many ties
+    compiled = torch.compile(argmax, fullgraph=True, dynamic=False)
+    for rows in (x, x.bfloat16(), x[:1]):
+        expected = rows.argmax(dim=-1)
+        for fn in (argmax, compiled):
+            assert torch.equal(fn(rows), expected)
 
 
 def test_text_stream_holds_back_partial_characters_and_stop_strings():
