@@ -86,8 +86,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(dim=-1) for x [B, vocab] (the first index of each row's largest value), in two passes that
     Inductor compiles into vectorised loops: the largest value, then the least index that holds it. Its
     own argmax carries an index through a loop of one value at a time: several times slower over the
-    default model's vocabulary (BENCHMARKS.md), a step's largest kernel after the products at batch 8.
-    (A row whose largest value is NaN gives the last index.)"""
+    default model's vocabulary (BENCHMARKS.md). (A row whose largest value is NaN gives the last index.)"""
     x = x.float()
     index = torch.arange(x.shape[-1], device=x.device)
     return torch.where(x == x.amax(dim=-1, keepdim=True), index, x.shape[-1] - 1).amin(dim=-1)
