@@ -83,10 +83,13 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int]
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) for x [B, vocab] (the first index of each row's largest value), in two passes that
-    Inductor compiles into vectorised loops: the largest value, then the least index that holds it. Its
-    own argmax carries an index through a loop of one value at a time: several times slower over the
-    default model's vocabulary (BENCHMARKS.md). (A row whose largest value is NaN gives the last index.)"""
+    """x.argmax(dim=-1) for x [B, vocab] (the first index of each row's largest value). Compiled, in two
+    passes that Inductor makes vectorised loops of: the largest value, then the least index that holds it
+    (a row whose largest value is NaN gives the last index). Inductor's own argmax carries an index
+    through a loop of one value at a time, several times slower over the default model's vocabulary;
+    eager, PyTorch's kernel is as fast as the two passes or faster (BENCHMARKS.md)."""
+    if not torch.compiler.is_compiling():
+        return x.argmax(dim=-1)
     x = x.float()
     index = torch.arange(x.shape[-1], device=x.device)
     return torch.where(x == x.amax(dim=-1, keepdim=True), index, x.shape[-1] - 1).amin(dim=-1)
