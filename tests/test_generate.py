@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import decode as G
 from checkpoint import load_model
-from conftest import ROOT, converted_checkpoint
+from conftest import FIXTURES, ROOT, converted_checkpoint
 from decode import Steps, TextStream, generate
 from sampling import SamplingParams, argmax, sample
 from tokenizer import get_tokenizer
@@ -133,13 +133,44 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     assert "".join(pieces) == "café 🙂 then " == stream.text
 
 
-def test_streamed_text_equals_whole_decode(default_checkpoint):
-    tok = get_tokenizer(default_checkpoint)
-    text = "Streaming: naïve café, 日本語, emoji 🙂👍🏽, code `x ** 2`."
-    ids = tok.encode(text)
-    stream = TextStream(tok)
-    streamed = "".join(stream.add(i) for i in ids) + stream.flush()
-    assert streamed == tok.decode(ids) == text
+def test_text_stream_cuts_at_the_earliest_stop_string():
+    class Chars:
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), stop_strings=["later", "x"], min_tokens=2)
+    pieces = [stream.add(ord(c)) for c in "xa later x"]  # the first x lies within min_tokens
+    assert stream.stopped and "".join(pieces) + stream.flush() == stream.text == "xa "
+
+
+@pytest.mark.parametrize("name", ["default", "llama2-tokenizer.model", "mistral-tokenizer.model",
+                                  "llama3-tokenizer.model"])
+def test_streamed_text_equals_whole_decode(request, name):
+    """TextStream decodes a window of ids per token; what it streams must be what decoding them all at once
+    gives: for real text and for random ids (a model may emit any), on each kind of tokenizer."""
+    import random
+    if name == "default":
+        tok = get_tokenizer(request.getfixturevalue("default_checkpoint"))
+    else:
+        path = os.path.join(FIXTURES, name)
+        if not os.path.exists(path):
+            pytest.skip(f"{path} not present (it lives in the project's shared fixtures)")
+        if name.startswith("llama3"):
+            pytest.importorskip("tiktoken")
+        tok = get_tokenizer(path)
+    text = ("Streaming: naïve café, Straße, 日本語のテキスト, emoji 🙂👍🏽, code `x ** 2`,\n\tnew lines "
+            "and  double  spaces .  , don't") * 3
+    rng = random.Random(0)
+    vocab = max(tok.encode(text)) + 1
+    low = list(range(300))  # special, control and byte tokens, which write nothing or part of a character
+    cases = [[rng.choice(low) if rng.random() < 0.3 else rng.randrange(vocab) for _ in range(80)] for _ in range(30)]
+    for ids in [tok.encode(text)] + cases:
+        stream = TextStream(tok)
+        streamed = "".join(stream.add(i) for i in ids) + stream.flush()
+        # a stream holds back the bytes of a character that is not complete at the end
+        whole = next(t for t in map(tok.decode, (ids[:n] for n in range(len(ids), -1, -1))) if not t.endswith("\ufffd"))
+        assert streamed == whole == stream.text
+    assert tok.decode(tok.encode(text)) == text
 
 
 @pytest.mark.parametrize("batch", [1, 2])
