@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from decode import Steps, attended_length, frozen_settings
 from errors import UsageError
-from sampling import SamplingParams, probabilities, sample, sample_from
+from sampling import SamplingParams, probabilities, sample_from
 
 
 def logits_of(model, tokens, input_pos, kv_len):
@@ -124,10 +124,12 @@ def speculative_generate(target, prompt: list, params: SamplingParams = Sampling
         return None if greedy else probabilities(logits, temperature, top_k, top_p)
 
     with torch.inference_mode():
-        logits = logits_at(logits_of, target, prompt, 0)[-1:]
+        # The prompt: the target's logits at its last position only (the output head over every position
+        # would be the prompt's largest product); the draft's pass only fills its cache.
+        tokens, positions = torch.tensor([prompt], device=device), torch.arange(T, device=device)
+        x = int(steps.prefill(target, tokens, positions, None, attended_length(target, T), temperature, top_k, top_p))
         if draft is not None:
-            logits_at(logits_of, draft, prompt, 0)
-        x = int(sample(logits, temperature, top_k, top_p))
+            draft(tokens, positions, None, attended_length(draft, T), last_only=True)
         history, pos, emitted = list(prompt), T, 0  # x is the last token, not yet in either cache
         unread = []  # accepted tokens just before x that the draft's cache lacks
         while True:
