@@ -138,8 +138,12 @@ def test_text_stream_cuts_at_the_earliest_stop_string():
         def decode(self, ids):
             return "".join(map(chr, ids))
 
-    stream = TextStream(Chars(), stop_strings=["later", "x"], min_tokens=2)
-    pieces = [stream.add(ord(c)) for c in "xa later x"]  # the first x lies within min_tokens
+    stream = TextStream(Chars(), stop_strings=["ab", "b"])  # both found at the b; the text ends before "ab"
+    pieces = [stream.add(ord(c)) for c in "xab"]
+    assert stream.stopped and "".join(pieces) + stream.flush() == stream.text == "x"
+    assert stream.add(ord("y")) == "" and stream.text == "x"
+    stream = TextStream(Chars(), stop_strings=["x"], min_tokens=2)  # not within the first two tokens
+    pieces = [stream.add(ord(c)) for c in "xa xy"]
     assert stream.stopped and "".join(pieces) + stream.flush() == stream.text == "xa "
 
 
