@@ -70,12 +70,15 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
     few queries becomes Inductor's own loops (few_query_attention_pass; loop_attention=False keeps the
     kernel), and the Python wrapper does not re-check the sizes and strides of the graph's inputs and of
     every kernel's output (our graphs are fixed, and Dynamo still checks the inputs that can change).
+    And the wrapper itself, the code that calls a step's kernels and products one after another, is
+    C++ (cpp_wrapper), not Python: a hundred and more calls a step each cost less from C++. Its first
+    compilation takes longer (C++ to build); Inductor's cache keeps it for later processes alike.
     """
     if device.type != "cpu":
         return None
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
-    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False}
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False, "cpp_wrapper": True}
     if loop_attention:
         options["pre_grad_custom_pass"] = few_query_attention_pass()
     return options
@@ -180,8 +183,7 @@ class CompiledStep:
       own checks are off as well, inductor_options), nor its caches.
     In their place this object checks the caches itself: the graph holds the tensors it was traced with,
     so when setup_caches or setup_paged_cache replaces them (with new ones, of any size), the step is
-    compiled anew. A model whose layers change after compiling needs a new Steps. It calls the step
-    through call_with_room, which keeps CPython from mapping memory for the step's every operator call.
+    compiled anew. A model whose layers change after compiling needs a new Steps.
 
     torch.compile keeps the compiled graphs in the step's globals, and keeps those for as long as the
     objects its checks read live (all of the process, for most); as the graphs hold the model's tensors,
@@ -204,7 +206,7 @@ class CompiledStep:
         from torch._dynamo import config as dynamo_config
         with dynamo_config.patch(install_free_tensors=True):  # read as Dynamo traces
             if self.frozen is None:
-                return call_with_room(self.step, args)
+                return self.step(*args)
             from torch._inductor import config
             # Dynamo reads freezing as it traces (weights become graph constants), Inductor as it
             # compiles; torch.compile's per-compilation options reach only the second, so the settings
@@ -212,7 +214,7 @@ class CompiledStep:
             # deprecated storage API, whose warning would reach the user's stderr.)
             with config.patch(self.frozen), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")
-                return call_with_room(self.step, args)
+                return self.step(*args)
 
     def release(self):
         """Drop the compiled graphs, and the tensors they hold. (The names stay: Dynamo deletes those it
@@ -222,25 +224,6 @@ class CompiledStep:
 
     def __del__(self):
         self.release()
-
-
-def _call(fn, args):
-    return fn(*args)
-
-
-# CPython (3.11 on) keeps Python frames in chunks of memory, and a call that does not fit in what is left
-# of the current chunk gets a chunk of its own (16 KiB at least), mapped from the system and unmapped again
-# when the call returns. A compiled step's Python wrapper is one function with a frame of many kilobytes (a
-# variable per buffer: 14 KiB for the default model), and it calls PyTorch's operators, each a Python
-# frame, a hundred times a step and more. Where the wrapper lands near the end of a chunk, every one of
-# those calls maps and unmaps one: 121 per int4 step here, a third of the step's time (BENCHMARKS.md).
-# call_with_room(fn, args) calls fn(*args) from a frame with STEP_FRAME_ROOM unused value-stack slots of 8
-# bytes: too large for what is left of the chunks a step is called from, it gets a fresh one, of twice its
-# size (CPython sizes a new chunk for the frame and 8,000 bytes more, in powers of two), and what it calls
-# has the other half to itself. A wrapper larger than that half starts a chunk of its own, as large again.
-STEP_FRAME_ROOM = 4000
-call_with_room = types.FunctionType(
-    _call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + STEP_FRAME_ROOM), globals(), "call_with_room")
 
 
 def cache_tensors(model: Transformer) -> tuple:

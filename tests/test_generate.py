@@ -228,33 +228,6 @@ def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
-def test_call_with_room_keeps_a_step_from_mapping_memory_for_each_call():
-    """decode.call_with_room, through which compiled steps are called. A frame like a compiled step's
-    Python wrapper (many variables, calling a Python function in a loop) that CPython places near the end
-    of a chunk of frame memory maps a fresh chunk for each call it makes: a page fault each. Found by
-    calling it from every stack depth up to 300, at each depth where it does so, call_with_room keeps
-    it from doing so."""
-    resource = pytest.importorskip("resource")  # (Unix: page fault counts)
-    ns = {}
-    exec("def wrapper(inner, n):\n    " + " = ".join(f"v{i}" for i in range(1700)) + " = None\n"
-         "    for _ in range(n):\n        inner()\n", ns)
-    exec("def inner():\n    " + " = ".join(f"a{i}" for i in range(40)) + " = None\n", ns)
-    calls = 200
-
-    def faults(depth, via):
-        if depth:
-            return faults(depth - 1, via)
-        via(ns["wrapper"], (ns["inner"], 1))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        via(ns["wrapper"], (ns["inner"], calls))
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    mapping = [d for d in range(300) if faults(d, lambda fn, args: fn(*args)) >= calls]
-    if not mapping:
-        pytest.skip("this Python maps no frame memory per call at any depth tried (before 3.11, frames are objects)")
-    assert all(faults(d, G.call_with_room) < calls // 10 for d in mapping)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_few_query_attention_equals_sdpa(dtype):
     """The decode step's attention as sums (what the CPU compiles) against PyTorch's kernel, both against
