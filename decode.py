@@ -68,11 +68,11 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
 
     The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
     few queries becomes Inductor's own loops (few_query_attention_pass; loop_attention=False keeps the
-    kernel), and the Python wrapper does not re-check the sizes and strides of the graph's inputs and of
-    every kernel's output (our graphs are fixed, and Dynamo still checks the inputs that can change).
-    And the wrapper itself, the code that calls a step's kernels and products one after another, is
-    C++ (cpp_wrapper), not Python: a hundred and more calls a step each cost less from C++. Its first
-    compilation takes longer (C++ to build); Inductor's cache keeps it for later processes alike.
+    kernel); the wrapper, the code that calls a step's kernels and products one after another, is C++
+    (cpp_wrapper), not Python, as a hundred and more calls a step each cost less from C++ (its first
+    compilation takes longer, C++ to build; Inductor's cache keeps it for later processes alike); and
+    the wrapper does not re-check the sizes and strides of the graph's inputs and of every kernel's
+    output (size_asserts: our graphs are fixed, and Dynamo still checks the inputs that can change).
     """
     if device.type != "cpu":
         return None
