@@ -9,6 +9,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 
+
+def fixture(name):
+    """The path of one of the project's shared fixture files; the test skips where they are absent."""
+    path = os.path.join(FIXTURES, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present (it lives in the project's shared fixtures)")
+    return path
+
 from bench import write_byte_tokenizer  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

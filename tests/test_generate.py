@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import decode as G
 from checkpoint import load_model
-from conftest import FIXTURES, ROOT, converted_checkpoint
+from conftest import ROOT, converted_checkpoint, fixture
 from decode import Steps, TextStream, generate
 from sampling import SamplingParams, argmax, sample
 from tokenizer import get_tokenizer
@@ -156,9 +156,7 @@ def test_streamed_text_equals_whole_decode(request, name):
     if name == "default":
         tok = get_tokenizer(request.getfixturevalue("default_checkpoint"))
     else:
-        path = os.path.join(FIXTURES, name)
-        if not os.path.exists(path):
-            pytest.skip(f"{path} not present (it lives in the project's shared fixtures)")
+        path = fixture(name)
         if name.startswith("llama3"):
             pytest.importorskip("tiktoken")
         tok = get_tokenizer(path)

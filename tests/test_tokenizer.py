@@ -4,17 +4,10 @@ import os
 
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import ROOT, fixture
 from tokenizer import SentencePieceTokenizer, TiktokenTokenizer, get_tokenizer
 
 MULTILINGUAL = "naïve café, Straße, 日本語のテキスト, emoji 🙂👍🏽 and\n\tnew lines"
-
-
-def fixture(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present (it lives in the project's shared fixtures)")
-    return path
 
 
 def test_llama2_sentencepiece_known_encodings():
