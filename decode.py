@@ -70,8 +70,8 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
     few queries becomes Inductor's own loops (few_query_attention_pass; loop_attention=False keeps the
     kernel); the wrapper, the code that calls a step's kernels and products one after another, is C++
     (cpp_wrapper), not Python, as a hundred and more calls a step each cost less from C++ (its first
-    compilation takes longer, C++ to build; Inductor's cache keeps most such steps for later processes,
-    not yet a batched bfloat16 one on a CPU without bfloat16 instructions: BENCHMARKS.md); and
+    compilation takes longer, C++ to build; Inductor's cache keeps it for later processes, though never
+    a frozen step, whichever the wrapper: frozen_settings); and
     the wrapper does not re-check the sizes and strides of the graph's inputs and of every kernel's
     output (size_asserts: our graphs are fixed, and Dynamo still checks the inputs that can change).
     """
