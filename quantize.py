@@ -132,17 +132,24 @@ def calibration_ids(checkpoint: str, path, tokens: int) -> list:
 
 def calibrate(model, ids: torch.Tensor, window: int, observe):
     """Run the calibration tokens through the model in windows, calling observe(name, x [rows, in]) with
-    the input of every linear layer."""
-    hooks = [module.register_forward_hook(lambda mod, inputs, output, name=name:
-                                          observe(name, inputs[0].reshape(-1, inputs[0].shape[-1]).float()))
-             for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    the input of every linear layer. The output head's input is observed, but the head is not run: it is
+    the largest product of all, at every position, and its output is not needed."""
+    def hook(name):
+        return lambda module, inputs: observe(name, inputs[0].reshape(-1, inputs[0].shape[-1]).float())
+    hooks = [module.register_forward_pre_hook(hook(name)) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and module is not model.output]
+    head, model.output = model.output, None  # the model then returns its last layer's output
     model.setup_caches(1, window)
-    with torch.no_grad():
-        for start in range(0, ids.numel() - 1, window):
-            chunk = ids[start:start + window][None]
-            model(chunk, torch.arange(chunk.shape[1]))
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.numel() - 1, window):
+                chunk = ids[start:start + window][None]
+                x = model.norm(model(chunk, torch.arange(chunk.shape[1])))
+                observe("output", x.reshape(-1, x.shape[-1]).float())
+    finally:
+        model.output = head
+        for h in hooks:
+            h.remove()
 
 
 def collect_hessians(model, ids: torch.Tensor, window: int) -> dict:

@@ -1,6 +1,8 @@
 """Shared helpers: tiny random Hugging Face models of each supported family, converted to our format."""
 import os
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,6 +18,18 @@ def fixture(name):
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (it lives in the project's shared fixtures)")
     return path
+
+
+def run_commands(commands, timeout=600):
+    """Run each command, [script, *args] from the repository's root, in a process of its own, two or more at
+    once (most of such a process's time is Python importing torch); their CompletedProcess, in order."""
+    def one(command):
+        script, *args = command
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=timeout)
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, commands))
+
 
 from bench import write_byte_tokenizer  # noqa: E402
 
@@ -76,3 +90,13 @@ def default_checkpoint():
         return default_checkpoint()
     except UsageError as e:
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def default_int8_checkpoint(default_checkpoint, tmp_path_factory):
+    """The default model quantized to int8 (smoothed, for int8 activations), once a session: its calibration
+    takes most of a minute here."""
+    from quantize import quantize_checkpoint
+    out = tmp_path_factory.mktemp("default") / "int8"
+    quantize_checkpoint(default_checkpoint, str(out), "int8")
+    return str(out)

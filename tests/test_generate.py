@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import decode as G
 from checkpoint import load_model
-from conftest import ROOT, converted_checkpoint, fixture
+from conftest import ROOT, converted_checkpoint, fixture, run_commands
 from decode import Steps, TextStream, generate
 from sampling import SamplingParams, argmax, sample
 from tokenizer import get_tokenizer
@@ -320,10 +320,9 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path):
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "device cuda is not available"))
-    for args, message in cases:
-        full = (["--checkpoint", ckpt] if "--checkpoint" not in args else []) + (
-            ["--prompt", "hi"] if "--prompt" not in args else []) + args
-        r = cli(*full)
+    commands = [["generate.py"] + (["--checkpoint", ckpt] if "--checkpoint" not in args else []) + (
+        ["--prompt", "hi"] if "--prompt" not in args else []) + args for args, _ in cases]
+    for (args, message), r in zip(cases, run_commands(commands)):
         assert r.returncode == 2, args
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, converted_checkpoint
+from conftest import ROOT, converted_checkpoint, run_commands
 from errors import UsageError
 from sampling import SamplingParams
 
@@ -107,8 +107,7 @@ def test_every_command_reports_bad_input_in_one_line_with_exit_code_2(tmp_path_f
         ("bench.py", ["--checkpoint", str(ckpt), "--repeat", "0"], "--repeat must be >= 1"),
         ("bench_beam.py", ["--checkpoint", str(ckpt), "--num-beams", "0"], "--num-beams and --rounds must be >= 1"),
     ]
-    for script, args, message in cases:
-        r = run(script, *args)
+    for (script, args, message), r in zip(cases, run_commands([script, *args] for script, args, _ in cases)):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, (script, args, r.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (script, args, r.stderr)

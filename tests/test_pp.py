@@ -12,7 +12,7 @@ import pp
 import tp
 from bench import write_random_checkpoint
 from checkpoint import load_model
-from conftest import ROOT, converted_checkpoint
+from conftest import ROOT, converted_checkpoint, run_commands
 from decode import generate
 from model import ModelArgs
 from sampling import SamplingParams
@@ -86,12 +86,15 @@ def tiny(tmp_path_factory):
     return ckpt
 
 
-@pytest.mark.parametrize("world,mode,compile", [(2, None, True), (4, None, False), (2, "int8", False),
-                                                (4, "int8", False)])
-def test_pipeline_gives_the_logits_and_tokens_of_one_process(tiny, tmp_path, world, mode, compile, one_thread):
-    """pp 2 (its decode steps compiled, recompiling for nothing once warm) and pp 2 x tp 2, float32 and int8. int8 split over tensor-parallel ranks rounds each rank's
-    partial sums to bfloat16 (qlinear.KERNEL_DTYPE), as tp.py's tests say: its logits are held to 5e-3
-    and its tokens, which that rounding can flip at near-ties, are not compared."""
+@pytest.mark.parametrize("world,mode,compile,counts", [(2, None, True, (2,)), (4, None, False, (1, 2, 3)),
+                                                       (2, "int8", False, (1, 2, 3)), (4, "int8", False, (1, 2, 3))])
+def test_pipeline_gives_the_logits_and_tokens_of_one_process(tiny, tmp_path, world, mode, compile, counts,
+                                                             one_thread):
+    """pp 2 and pp 2 x tp 2, float32 and int8, with `counts` micro-batches. Compiled, pp 2 runs two micro-batches
+    of unequal size (two shapes of step), recompiling for nothing once warm. int8 split over
+    tensor-parallel ranks rounds each rank's partial sums to bfloat16 (qlinear.KERNEL_DTYPE), as tp.py's
+    tests say: its logits are held to 5e-3 and its tokens, which that rounding can flip at near-ties, are
+    not compared."""
     ckpt = str(tiny) + ("-" + mode if mode else "")
     prompts = [[(5 * i + 3 * j + 1) % 128 for j in range(n)] for i, n in enumerate((7, 15, 3))]
     single = load_model(ckpt)
@@ -100,13 +103,13 @@ def test_pipeline_gives_the_logits_and_tokens_of_one_process(tiny, tmp_path, wor
     plain = list(generate(single, prompts, SamplingParams(max_tokens=20)))
     eos = plain[5][1]  # a token the second prompt emits: its row ends there, the others go on
     expected = list(generate(single, prompts, SamplingParams(max_tokens=20), eos_ids=(eos,)))
-    out, ranks = run_worker(tmp_path, world, 2, ckpt, prompts, (1, 2, 3), (eos,), compile)
+    out, ranks = run_worker(tmp_path, world, 2, ckpt, prompts, counts, (eos,), compile)
     rounded = mode is not None and world > 2
     tolerance = 5e-3 if rounded else 1e-5
     T = max(map(len, prompts))
     padded = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     pad = torch.tensor([T - len(p) for p in prompts])
-    for M in (1, 2, 3):
+    for M in counts:
         logits = torch.load(out / f"logits-{M}.pt")
         # One process on the same micro-batches: quantized kernels round by batch shape, so this is the
         # reference that holds for int8 too; float32 also equals each prompt alone.
@@ -143,13 +146,12 @@ def test_each_rank_reads_and_holds_its_share(tmp_path):
         assert alone["rss_growth_mb"] - r["rss_growth_mb"] > 0.4 * layers_mb, (alone, r, layers_mb)
 
 
-def test_default_model_in_two_stages(default_checkpoint, tmp_path):
-    """Three chat prompts, answers that end with the end token, every micro-batch count; int8 too, as one
-    micro-batch (its kernels round by the number of rows as well as by threads)."""
-    from quantize import quantize_checkpoint
-    quantize_checkpoint(default_checkpoint, str(tmp_path / "int8"), "int8")
+def test_default_model_in_two_stages(default_checkpoint, default_int8_checkpoint):
+    """Three chat prompts, answers that end with the end token, in two micro-batches of unequal size (the
+    tiny model's test above takes every count); int8 too, as one micro-batch (its kernels round by the
+    number of rows as well as by threads)."""
     prompts = ["What is the capital of France?", "Name a fruit.", "Say hello."]
-    for ckpt, counts in ((default_checkpoint, (1, 2, 3)), (tmp_path / "int8", (1,))):
+    for ckpt, counts in ((default_checkpoint, (2,)), (default_int8_checkpoint, (1,))):
         cli = ["generate.py", "--checkpoint", str(ckpt), "--chat", "--max-new-tokens", "40", "--json"]
         cli += [a for p in prompts for a in ("--prompt", p)]
         # one thread, as torchrun gives each rank: int8 kernels round by how they split the work
@@ -177,13 +179,11 @@ def test_impossible_pipelines_are_refused_before_loading(tmp_path):
     r = torchrun(4, "generate.py", "--checkpoint", tmp_path, "--prompt", "hi", "--pp", "4")
     assert r.returncode != 0
     assert f"error: {tmp_path / 'config.json'}: cannot split 3 layers into 4 pipeline stages" in r.stderr
-    r = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path), "--prompt", "hi", "--pp", "2"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --pp 2 runs under torchrun, with a multiple of 2 processes"
-    for args, message in [(["--micro-batches", "2"], "error: --micro-batches needs --pp 2 or more"),
-                          (["--pp", "2", "--num-beams", "2"], "error: --pp does not combine with --num-beams")]:
-        r = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path), "--prompt", "hi", *args],
-                           capture_output=True, text=True, cwd=ROOT)
+    cases = [(["--pp", "2"], "error: --pp 2 runs under torchrun, with a multiple of 2 processes"),
+             (["--micro-batches", "2"], "error: --micro-batches needs --pp 2 or more"),
+             (["--pp", "2", "--num-beams", "2"], "error: --pp does not combine with --num-beams")]
+    commands = [["generate.py", "--checkpoint", tmp_path, "--prompt", "hi", *args] for args, _ in cases]
+    for (args, message), r in zip(cases, run_commands(commands)):
         assert r.returncode == 2 and r.stderr.strip() == message, (args, r.stderr)
     assert tp.Layout(pp=2, stage=1).stage_layers(3) == range(2, 3)
 

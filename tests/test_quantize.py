@@ -11,7 +11,7 @@ import torch.nn as nn
 import decode
 import qlinear
 import quantize as Q
-from conftest import ROOT, converted_checkpoint
+from conftest import ROOT, converted_checkpoint, run_commands
 from checkpoint import load_model
 from sampling import SamplingParams
 
@@ -261,23 +261,21 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
     assert json.loads(r.stdout)["perplexity"] > 1
 
 
-def test_perplexity_ordering_on_the_default_model(default_checkpoint, tmp_path):
+def test_perplexity_ordering_on_the_default_model(default_checkpoint, default_int8_checkpoint, tmp_path):
     text = tmp_path / "english.txt"
     text.write_text(english_text(8000))
+    r = run("quantize.py", "--checkpoint", default_checkpoint, "--mode", "int4", "--out", tmp_path / "int4")
+    assert r.returncode == 0, r.stderr
+    checkpoints = {"bf16": default_checkpoint, "int8": default_int8_checkpoint, "int4": tmp_path / "int4"}
     ppl = {}
-    for mode in ("bf16", "int8", "int4"):
-        ckpt = default_checkpoint
-        if mode != "bf16":
-            ckpt = tmp_path / mode
-            r = run("quantize.py", "--checkpoint", default_checkpoint, "--mode", mode, "--out", ckpt)
-            assert r.returncode == 0, r.stderr
+    for mode, ckpt in checkpoints.items():
         r = run("eval.py", "--checkpoint", ckpt, "--text", text, "--max-seq-len", "512", "--json")
         assert r.returncode == 0, r.stderr
         ppl[mode] = json.loads(r.stdout)["perplexity"]
     assert ppl["int8"] <= ppl["bf16"] * 1.01  # int8 activations too, on the CPU (smoothed: quantize.smooth)
     assert ppl["int8"] < ppl["int4"] <= ppl["bf16"] * 1.10
-    sizes = {m: os.path.getsize(tmp_path / m / "model.safetensors") for m in ("int8", "int4")}
-    assert sizes["int4"] < sizes["int8"] < os.path.getsize(os.path.join(default_checkpoint, "model.safetensors"))
+    sizes = {m: os.path.getsize(os.path.join(checkpoints[m], "model.safetensors")) for m in checkpoints}
+    assert sizes["int4"] < sizes["int8"] < sizes["bf16"]
 
 
 def test_bad_input_is_refused(tiny_checkpoint, tmp_path):
@@ -286,8 +284,8 @@ def test_bad_input_is_refused(tiny_checkpoint, tmp_path):
         (["--mode", "int4", "--groupsize", "48"], "--groupsize must be 32, 64, 128 or 256"),
         (["--mode", "int4-gptq"], "int4-gptq needs --calibration FILE"),
     ]
-    for args, message in cases:
-        r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", *args)
+    commands = [["quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", *args] for args, _ in cases]
+    for (args, message), r in zip(cases, run_commands(commands)):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
         assert not (tmp_path / "x").exists()

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -34,6 +35,15 @@ def torchrun(n, *args):
                            *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+def alone_and_on_ranks(n, cli):
+    """A command line run in one process and under torchrun on n ranks, both at once (much of either is
+    Python starting): (the one process's CompletedProcess, torchrun's)."""
+    with ThreadPoolExecutor(1) as pool:
+        alone = pool.submit(subprocess.run, [sys.executable, *map(str, cli)], capture_output=True, text=True,
+                            cwd=ROOT)
+        return alone.result(), torchrun(n, *cli)
+
+
 def checkpoint(tmp_path_factory, family, mode=None):
     # 128 MLP units: 64 per rank, whole int4 groups of 32
     out = converted_checkpoint(tmp_path_factory, family, seed=21, intermediate_size=128)[1]
@@ -60,8 +70,7 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process(tmp_path_factory, t
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), single(tokens, torch.arange(16)),
                                atol=1e-4 if mode is None else 5e-3, rtol=0)
     cli = ["generate.py", "--checkpoint", ckpt, "--prompt", "abcab", "--max-new-tokens", "16", "--json"]
-    alone = subprocess.run([sys.executable, *map(str, cli)], capture_output=True, text=True, cwd=ROOT)
-    r = torchrun(2, *cli)
+    alone, r = alone_and_on_ranks(2, cli)
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(records) == 1  # rank 0 alone prints
@@ -84,15 +93,12 @@ def test_impossible_split_is_refused_before_loading(tmp_path):
     assert f"error: {tmp_path / 'config.json'}: cannot split 9 query heads over 2 ranks" in r.stderr
 
 
-def test_default_model_on_three_ranks(default_checkpoint, tmp_path):
+def test_default_model_on_three_ranks(default_checkpoint, default_int8_checkpoint):
     """9 query and 3 key/value heads over 3 ranks: the greedy text of one process, float32 and int8."""
-    from quantize import quantize_checkpoint
-    quantize_checkpoint(default_checkpoint, str(tmp_path / "int8"), "int8")
-    for ckpt in (default_checkpoint, tmp_path / "int8"):
+    for ckpt in (default_checkpoint, default_int8_checkpoint):
         cli = ["generate.py", "--checkpoint", str(ckpt), "--chat", "--prompt", "What is the capital of France?",
                "--max-new-tokens", "24", "--json"]
-        alone = subprocess.run([sys.executable, *cli], capture_output=True, text=True, cwd=ROOT)
-        r = torchrun(3, *cli)
+        alone, r = alone_and_on_ranks(3, cli)
         assert r.returncode == 0, r.stderr[-3000:]
         text = json.loads(r.stdout.strip().splitlines()[-1])["text"]
         assert text == json.loads(alone.stdout)["text"] and "Paris" in text
