@@ -21,8 +21,8 @@ def fixture(name):
 
 
 def run_commands(commands, timeout=600):
-    """Run each command, [script, *args] from the repository's root, in a process of its own, two or more at
-    once (most of such a process's time is Python importing torch); their CompletedProcess, in order."""
+    """Run each command, [script, *args] from the repository's root, in a process of its own, four at a
+    time (most of such a process's time is Python importing torch); their CompletedProcess, in order."""
     def one(command):
         script, *args = command
         return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,

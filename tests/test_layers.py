@@ -1,8 +1,6 @@
 """The files import one way, and bad input ends every command the same way (one line, exit code 2)."""
 import ast
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -77,11 +75,6 @@ def test_compiling_steps_leaves_global_inductor_settings_alone(tmp_path_factory)
     before = dict(inductor_config.post_grad_fusion_options)
     Steps(model, compile=True)
     assert inductor_config.post_grad_fusion_options == before
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
 
 
 def test_every_command_reports_bad_input_in_one_line_with_exit_code_2(tmp_path_factory, tmp_path):
