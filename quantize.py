@@ -134,8 +134,11 @@ def calibrate(model, ids: torch.Tensor, window: int, observe):
     """Run the calibration tokens through the model in windows, calling observe(name, x [rows, in]) with
     the input of every linear layer. The output head's input is observed, but the head is not run: it is
     the largest product of all, at every position, and its output is not needed."""
+    def observe_rows(name, x):  # x [..., in] as the rows [rows, in] in float32
+        observe(name, x.reshape(-1, x.shape[-1]).float())
+
     def hook(name):
-        return lambda module, inputs: observe(name, inputs[0].reshape(-1, inputs[0].shape[-1]).float())
+        return lambda module, inputs: observe_rows(name, inputs[0])
     hooks = [module.register_forward_pre_hook(hook(name)) for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and module is not model.output]
     head, model.output = model.output, None  # the model then returns its last layer's output
@@ -144,8 +147,7 @@ def calibrate(model, ids: torch.Tensor, window: int, observe):
         with torch.no_grad():
             for start in range(0, ids.numel() - 1, window):
                 chunk = ids[start:start + window][None]
-                x = model.norm(model(chunk, torch.arange(chunk.shape[1])))
-                observe("output", x.reshape(-1, x.shape[-1]).float())
+                observe_rows("output", model.norm(model(chunk, torch.arange(chunk.shape[1]))))
     finally:
         model.output = head
         for h in hooks:

@@ -20,15 +20,17 @@ def fixture(name):
     return path
 
 
-def run_commands(commands, timeout=600):
-    """Run each command, [script, *args] from the repository's root, in a process of its own, four at a
-    time (most of such a process's time is Python importing torch); their CompletedProcess, in order."""
-    def one(command):
-        script, *args = command
-        return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                              text=True, cwd=ROOT, timeout=timeout)
+def run_script(script, *args, timeout=600):
+    """python ROOT/script args..., from the repository's root: its CompletedProcess (text)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout)
+
+
+def run_commands(commands):
+    """run_script for each command, [script, *args], four at a time (most of such a process's time is Python
+    importing torch); their CompletedProcess, in order."""
     with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(one, commands))
+        return list(pool.map(lambda command: run_script(*command), commands))
 
 
 from bench import write_byte_tokenizer  # noqa: E402

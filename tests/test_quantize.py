@@ -1,8 +1,6 @@
 """quantize.py and eval.py: round trips, kernels against float references, GPTQ, perplexity ordering."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.nn as nn
 import decode
 import qlinear
 import quantize as Q
-from conftest import ROOT, converted_checkpoint, run_commands
+from conftest import converted_checkpoint, run_commands, run_script
 from checkpoint import load_model
 from sampling import SamplingParams
 
@@ -219,17 +217,12 @@ def tiny_checkpoint(tmp_path_factory):
     return converted_checkpoint(tmp_path_factory, "tied-head-dim", seed=3)[1]
 
 
-def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4-gptq"])
 def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_path, mode, capfd):
     text = tmp_path / "text.txt"
     text.write_text("abcdefghijklmnopqrstuvwxyz" * 40)
     out = tmp_path / mode
-    r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--mode", mode, "--calibration", text, "--out", out)
+    r = run_script("quantize.py", "--checkpoint", tiny_checkpoint, "--mode", mode, "--calibration", text, "--out", out)
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["mode"] == ("int8" if mode == "int8" else "int4")
@@ -254,9 +247,9 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
         steps = decode.Steps(model, compile=True)
         assert list(decode.generate(model, prompt, params, steps=steps)) == eager
         assert "autotune" not in capfd.readouterr().err.lower()  # autotuning's reports stay off the user's stderr
-    r = run("generate.py", "--checkpoint", out, "--prompt", "abc", "--max-new-tokens", "4", "--json")
+    r = run_script("generate.py", "--checkpoint", out, "--prompt", "abc", "--max-new-tokens", "4", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["generated_tokens"] == 4, r.stderr
-    r = run("eval.py", "--checkpoint", out, "--text", text, "--max-seq-len", "64", "--json")
+    r = run_script("eval.py", "--checkpoint", out, "--text", text, "--max-seq-len", "64", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["perplexity"] > 1
 
@@ -264,12 +257,12 @@ def test_quantized_tiny_model_through_generate_and_eval(tiny_checkpoint, tmp_pat
 def test_perplexity_ordering_on_the_default_model(default_checkpoint, default_int8_checkpoint, tmp_path):
     text = tmp_path / "english.txt"
     text.write_text(english_text(8000))
-    r = run("quantize.py", "--checkpoint", default_checkpoint, "--mode", "int4", "--out", tmp_path / "int4")
+    r = run_script("quantize.py", "--checkpoint", default_checkpoint, "--mode", "int4", "--out", tmp_path / "int4")
     assert r.returncode == 0, r.stderr
     checkpoints = {"bf16": default_checkpoint, "int8": default_int8_checkpoint, "int4": tmp_path / "int4"}
     ppl = {}
     for mode, ckpt in checkpoints.items():
-        r = run("eval.py", "--checkpoint", ckpt, "--text", text, "--max-seq-len", "512", "--json")
+        r = run_script("eval.py", "--checkpoint", ckpt, "--text", text, "--max-seq-len", "512", "--json")
         assert r.returncode == 0, r.stderr
         ppl[mode] = json.loads(r.stdout)["perplexity"]
     assert ppl["int8"] <= ppl["bf16"] * 1.01  # int8 activations too, on the CPU (smoothed: quantize.smooth)
@@ -290,11 +283,13 @@ def test_bad_input_is_refused(tiny_checkpoint, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
         assert not (tmp_path / "x").exists()
     # a group size that does not divide a layer's input dimension (head_dim 24 x 4 heads = 96 inputs to wo)
-    r = run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", "--mode", "int4", "--groupsize", "64")
+    r = run_script("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x", "--mode", "int4",
+                   "--groupsize", "64")
     assert r.returncode == 2 and "group size 64 does not divide the input dimension 96" in r.stderr
     # quantizing a quantized checkpoint
-    assert run("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "q", "--mode", "int8").returncode == 0
-    r = run("quantize.py", "--checkpoint", tmp_path / "q", "--out", tmp_path / "qq", "--mode", "int4")
+    r = run_script("quantize.py", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "q", "--mode", "int8")
+    assert r.returncode == 0, r.stderr
+    r = run_script("quantize.py", "--checkpoint", tmp_path / "q", "--out", tmp_path / "qq", "--mode", "int4")
     assert r.returncode == 2 and "is already quantized (int8)" in r.stderr
 
 

@@ -11,7 +11,7 @@ import torch
 
 import tp
 from bench import write_random_checkpoint
-from conftest import ROOT, converted_checkpoint
+from conftest import ROOT, converted_checkpoint, run_script
 from checkpoint import load_model
 from model import ModelArgs
 
@@ -39,8 +39,7 @@ def alone_and_on_ranks(n, cli):
     """A command line run in one process and under torchrun on n ranks, both at once (much of either is
     Python starting): (the one process's CompletedProcess, torchrun's)."""
     with ThreadPoolExecutor(1) as pool:
-        alone = pool.submit(subprocess.run, [sys.executable, *map(str, cli)], capture_output=True, text=True,
-                            cwd=ROOT)
+        alone = pool.submit(run_script, *cli)
         return alone.result(), torchrun(n, *cli)
 
 
