@@ -20,10 +20,20 @@ def fixture(name):
     return path
 
 
-def run_script(script, *args, timeout=600):
-    """python ROOT/script args..., from the repository's root: its CompletedProcess (text)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout)
+def run_python(*args, timeout=600, input=None, env=None):
+    """python args..., from the repository's root: its CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, input=input, env=env)
+
+
+def run_script(script, *args, **kwargs):
+    """python ROOT/script args... (run_python's keywords)."""
+    return run_python(os.path.join(ROOT, script), *args, **kwargs)
+
+
+def torchrun(n, script, *args):
+    """script args... on n ranks under torchrun (--standalone)."""
+    return run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *args)
 
 
 def run_commands(commands):

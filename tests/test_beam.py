@@ -2,9 +2,6 @@
 inside the engine (beams sharing blocks), and on the command line."""
 import itertools
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 import decode as G
 from beam import BeamParams, BeamSteps, beam_search, reorder_cache
 from checkpoint import load_model
-from conftest import FAMILIES, ROOT, converted_checkpoint
+from conftest import FAMILIES, converted_checkpoint, run_script
 from decode import generate
 from engine import Engine
 from errors import UsageError
@@ -214,15 +211,11 @@ def test_engine_beams_share_blocks_and_choose_what_beam_search_chooses(pair):
         engine.add_request(prompts[1], BeamParams(num_beams=9, max_tokens=4))
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-
-
 def test_command_line(pair):
     _, model, ckpt = pair
-    r = cli("--checkpoint", ckpt, "--prompt", "ab", "--prompt", "a longer one", "--max-new-tokens", "8",
-            "--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5", "--json")
+    r = run_script("generate.py", "--checkpoint", ckpt, "--prompt", "ab", "--prompt", "a longer one",
+                   "--max-new-tokens", "8", "--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5",
+                   "--json")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     from tokenizer import get_tokenizer
@@ -239,6 +232,6 @@ def test_command_line(pair):
                           (["--num-beams", "2", "--num-return-sequences", "3"], "must not exceed"),
                           (["--num-beams", "2", "--temperature", "0.7"], "does not sample"),
                           (["--length-penalty", "2"], "--length-penalty needs --num-beams")]:
-        r = cli("--checkpoint", ckpt, "--prompt", "hi", *args)
+        r = run_script("generate.py", "--checkpoint", ckpt, "--prompt", "hi", *args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)

@@ -1,19 +1,14 @@
 """bench.py: the matrix runs end to end and its JSON holds what the README says it does."""
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT, converted_checkpoint
+from conftest import converted_checkpoint, run_commands, run_script
 
 
 def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
     _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=3)
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(ckpt),
-                        "--dtypes", "float32", "--compile", "off", "--batch-sizes", "1,2", "--repeat", "2",
-                        "--max-new-tokens", "24", "--prefill-tokens", "48", "--json", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = run_script("bench.py", "--checkpoint", ckpt, "--dtypes", "float32", "--compile", "off", "--batch-sizes", "1,2",
+                   "--repeat", "2", "--max-new-tokens", "24", "--prefill-tokens", "48", "--json", out)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["repeat"] == 2 and result["read_bandwidth_gb_s"] > 0
@@ -33,20 +28,18 @@ def test_bench_matrix_with_repeats_and_baseline(tmp_path_factory, tmp_path):
 
 
 def test_bench_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--checkpoint", str(tmp_path), "--no-hf"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r, missing = run_commands([["bench.py", "--checkpoint", tmp_path, "--no-hf"],
+                               ["bench.py", "--gguf", tmp_path / "missing.gguf"]])
     assert r.returncode == 2 and "not a converted checkpoint" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--gguf", str(tmp_path / "missing.gguf")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "missing.gguf: no such file" in r.stderr and "Traceback" not in r.stderr
+    assert missing.returncode == 2 and "missing.gguf: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_serving_benchmark_runs_every_mode(tmp_path_factory, tmp_path):
     _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=6, max_position_embeddings=1024, vocab_size=257)
     out = tmp_path / "serving.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_serving.py"), "--checkpoint", str(ckpt),
-                        "--dtype", "float32", "--no-compile", "--requests", "6", "--max-num-seqs", "3",
-                        "--concurrency", "2", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = run_script("bench_serving.py", "--checkpoint", ckpt, "--dtype", "float32", "--no-compile", "--requests", "6",
+                   "--max-num-seqs", "3", "--concurrency", "2", "--json", out)
     assert r.returncode == 0, r.stderr
     rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"one-at-a-time", "static", "engine", "engine-c2"}
@@ -59,9 +52,8 @@ def test_serving_benchmark_runs_every_mode(tmp_path_factory, tmp_path):
 def test_beam_benchmark_runs(tmp_path_factory, tmp_path):
     _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=6, max_position_embeddings=1024, vocab_size=257)
     out = tmp_path / "beam.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_beam.py"), "--checkpoint", str(ckpt),
-                        "--dtype", "float32", "--no-compile", "--max-new-tokens", "8", "--rounds", "2",
-                        "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = run_script("bench_beam.py", "--checkpoint", ckpt, "--dtype", "float32", "--no-compile", "--max-new-tokens", "8",
+                   "--rounds", "2", "--json", out)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     speed = result["speed"]
@@ -76,10 +68,8 @@ def test_beam_benchmark_runs(tmp_path_factory, tmp_path):
 def test_offload_benchmark_runs(tmp_path_factory, tmp_path):
     _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=7, num_hidden_layers=4)
     out = tmp_path / "offload.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_offload.py"), "--checkpoint", str(ckpt),
-                        "--dtype", "float32", "--batch-sizes", "1,4", "--prefetch", "0,1", "--rounds", "2",
-                        "--max-new-tokens", "6", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
+    r = run_script("bench_offload.py", "--checkpoint", ckpt, "--dtype", "float32", "--batch-sizes", "1,4",
+                   "--prefetch", "0,1", "--rounds", "2", "--max-new-tokens", "6", "--json", out)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     rows = {(row["mode"], row["batch"]): row for row in result["rows"]}

@@ -2,14 +2,12 @@
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_hf_model, save_hf_model, write_byte_tokenizer
+from conftest import ROOT, make_hf_model, run_python, run_script, save_hf_model, write_byte_tokenizer
 from convert_checkpoint import ConversionError, convert, interleaved_to_half
 from checkpoint import load_model
 from errors import UsageError
@@ -265,8 +263,7 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     import gguf
     hf = make_hf_model("gqa")
     write_gguf(tmp_path / "m.gguf", hf, gguf.GGMLQuantizationType.F32, arch="gpt2")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_checkpoint.py"), str(tmp_path / "m.gguf"),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    r = run_script("convert_checkpoint.py", tmp_path / "m.gguf", "--out", tmp_path / "out")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'm.gguf'}: GGUF architecture 'gpt2' is not "
                                              "supported (only 'llama')"]
@@ -349,7 +346,7 @@ def test_a_resident_load_peaks_at_the_weights_not_twice_them(tmp_path):
     write_random_checkpoint(args, str(tmp_path), dtype=torch.float32)
     script = tmp_path / "load.py"
     script.write_text(LOAD_PEAK.format(root=ROOT, ckpt=str(tmp_path)))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    r = run_python(script)
     assert r.returncode == 0, r.stderr
     weights, peak = map(float, r.stdout.split())
     # measured: the weights plus about 70 MiB, for 120 MiB of weights and for 2.4 GB alike

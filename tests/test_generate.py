@@ -1,9 +1,6 @@
 """generate.py: the decode loop against Hugging Face, batching, sampling, stopping, streaming, the CLI."""
 import gc
 import json
-import os
-import subprocess
-import sys
 import weakref
 
 import pytest
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 
 import decode as G
 from checkpoint import load_model
-from conftest import ROOT, converted_checkpoint, fixture, run_commands
+from conftest import converted_checkpoint, fixture, run_commands, run_script
 from decode import Steps, TextStream, generate
 from sampling import SamplingParams, argmax, sample
 from tokenizer import get_tokenizer
@@ -275,14 +272,10 @@ def test_attention_pass_swaps_decode_steps_only(tiny):
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True,
-                          text=True, input=stdin, cwd=ROOT, timeout=600)
-
-
 def test_json_records_for_a_batch(tiny):
     _, _, ckpt = tiny
-    r = cli("--checkpoint", ckpt, "--prompt", "ab", "--prompt", "alongerprompt", "--max-new-tokens", "5", "--json")
+    r = run_script("generate.py", "--checkpoint", ckpt, "--prompt", "ab", "--prompt", "alongerprompt",
+                   "--max-new-tokens", "5", "--json")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(records) == 2
@@ -330,23 +323,23 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path):
 
 
 def test_default_model_answers_paris(default_checkpoint):
-    r = cli("--checkpoint", default_checkpoint, "--chat", "--prompt", "What is the capital of France?",
-            "--max-new-tokens", "20", "--json")
+    r = run_script("generate.py", "--checkpoint", default_checkpoint, "--chat", "--prompt",
+                   "What is the capital of France?", "--max-new-tokens", "20", "--json")
     assert r.returncode == 0, r.stderr
     assert "Paris" in json.loads(r.stdout)["text"]
 
 
 def test_stop_string_ends_the_text(default_checkpoint):
-    r = cli("--checkpoint", default_checkpoint, "--chat", "--prompt", "What is the capital of France?",
-            "--max-new-tokens", "20", "--stop", "Paris")
+    r = run_script("generate.py", "--checkpoint", default_checkpoint, "--chat", "--prompt",
+                   "What is the capital of France?", "--max-new-tokens", "20", "--stop", "Paris")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "The capital of France is \n"
 
 
 def test_interactive_keeps_the_cache_between_turns(default_checkpoint):
     """The second reply, decoded with the first turn's cache kept, equals a fresh run over the whole chat."""
-    r = cli("--checkpoint", default_checkpoint, "--interactive", "--max-new-tokens", "30",
-            stdin="What is the capital of France?\nAnd of Germany?\n")
+    r = run_script("generate.py", "--checkpoint", default_checkpoint, "--interactive", "--max-new-tokens", "30",
+                   input="What is the capital of France?\nAnd of Germany?\n")
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.replace("> ", "").strip().split("\n")[:2]
     assert "Paris" in first

@@ -2,8 +2,6 @@
 over 1 GB, measured in a subprocess; the refusals."""
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 import quantize as Q
 from bench import SHAPES, write_random_checkpoint
 from checkpoint import load_model
-from conftest import ROOT
+from conftest import run_commands, run_script
 from decode import generate
 from errors import UsageError
 from generate import parse_args
@@ -124,17 +122,15 @@ def test_a_model_over_1_gb_runs_within_the_cpu_memory_budget(tmp_path):
     weights = os.path.getsize(tmp_path / "big" / "model.safetensors") / 1e9
     assert weights > 1.0
 
-    def peak(checkpoint, *flags):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", str(checkpoint),
-                            "--device", "cpu", "--dtype", "bfloat16", "--prompt", "a short prompt", "--json",
-                            "--max-new-tokens", "4", "--ignore-eos", *flags],
-                           capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.splitlines()[0])
-
-    runtime = peak(tmp_path / "tiny")["peak_memory_gb"]
-    streamed = peak(tmp_path / "big", "--max-resident-gb", "0.3")
-    resident = peak(tmp_path / "big")
+    # each process's own peak, so the three run at once
+    flags = ["--device", "cpu", "--dtype", "bfloat16", "--prompt", "a short prompt", "--json", "--max-new-tokens", "4",
+             "--ignore-eos"]
+    runs = run_commands([["generate.py", "--checkpoint", tmp_path / "tiny", *flags],
+                         ["generate.py", "--checkpoint", tmp_path / "big", *flags, "--max-resident-gb", "0.3"],
+                         ["generate.py", "--checkpoint", tmp_path / "big", *flags]])
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    tiny, streamed, resident = (json.loads(r.stdout.splitlines()[0]) for r in runs)
+    runtime = tiny["peak_memory_gb"]
     non_layer = 2 * 257 * 1024 * 2 / 1e9  # embedding (tied head) and norm, bfloat16
     kv_cache = 32 * 2 * 257 * 1024 * 2 / 1e9  # 32 layers of K and V, 257 slots
     assert streamed["streamed_layers"] > 20 and streamed["streamed_mb_per_step"] > 700
@@ -158,7 +154,6 @@ def test_refusals(checkpoints):
         load_offloaded(checkpoints["bf16"], "cpu", torch.float32, OffloadOptions(gpu_layers=2))
     with pytest.raises(UsageError, match="less than streaming needs"):
         load_offloaded(checkpoints["bf16"], "cpu", torch.float32, OffloadOptions(max_resident_gb=1e-5))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *base, "--max-resident-gb", "0.00001"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run_script("generate.py", *base, "--max-resident-gb", "0.00001")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "less than streaming needs" in lines[0], r.stderr

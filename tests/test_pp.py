@@ -2,8 +2,6 @@
 process's logits and tokens, each rank holding its share of the layers."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import pp
 import tp
 from bench import write_random_checkpoint
 from checkpoint import load_model
-from conftest import ROOT, converted_checkpoint, run_commands
+from conftest import ROOT, converted_checkpoint, run_commands, run_script, torchrun
 from decode import generate
 from model import ModelArgs
 from sampling import SamplingParams
@@ -50,11 +48,6 @@ for M in {micro_batches!r}:
 json.dump(result, open(f"{out}/rank-{{tp.rank()}}.json", "w"))
 tp.exit_process(0)
 '''
-
-
-def torchrun(n, *args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def run_worker(tmp_path, world, pp, ckpt, prompts, micro_batches=(1,), eos=(), compile=False):
@@ -155,8 +148,7 @@ def test_default_model_in_two_stages(default_checkpoint, default_int8_checkpoint
         cli = ["generate.py", "--checkpoint", str(ckpt), "--chat", "--max-new-tokens", "40", "--json"]
         cli += [a for p in prompts for a in ("--prompt", p)]
         # one thread, as torchrun gives each rank: int8 kernels round by how they split the work
-        alone = subprocess.run([sys.executable, *cli], capture_output=True, text=True, cwd=ROOT,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+        alone = run_script(*cli, env=dict(os.environ, OMP_NUM_THREADS="1"))
         expected = [json.loads(line) for line in alone.stdout.splitlines()]
         assert all(e["generated_tokens"] < 40 for e in expected)  # every answer ended with the end token
         for M in counts:
@@ -186,19 +178,3 @@ def test_impossible_pipelines_are_refused_before_loading(tmp_path):
     for (args, message), r in zip(cases, run_commands(commands)):
         assert r.returncode == 2 and r.stderr.strip() == message, (args, r.stderr)
     assert tp.Layout(pp=2, stage=1).stage_layers(3) == range(2, 3)
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_engine_in_two_stages_gives_one_process_tokens(tiny, tmp_path, world):
-    """The engine over two stages (and 2 x 2): requests arriving between steps, chunked prompts,
-    preemption, a seeded sampled request and an abort, as one process steps them."""
-    from test_tp import ENGINE_WORKER
-    script = tmp_path / "engine_worker.py"
-    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(tiny), pp=1))
-    single = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(tiny), pp=2))
-    r = torchrun(world, script)
-    assert single.returncode == 0 and r.returncode == 0, (single.stderr[-2000:], r.stderr[-2000:])
-    one, two = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (single, r))
-    assert two["tokens"] == one["tokens"] and two["reasons"] == one["reasons"] == ["length"] * 3 + ["abort"]
-    assert one["stats"]["preemptions"] > 0

@@ -1,8 +1,5 @@
 """speculative.py: exactly the target's tokens (greedy) and distribution (sampling), consistent caches."""
 import json
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -10,7 +7,7 @@ import torch
 
 import qlinear
 import speculative as S
-from conftest import ROOT, converted_checkpoint
+from conftest import converted_checkpoint, run_commands
 from checkpoint import load_model
 from decode import frozen_settings, generate
 from sampling import SamplingParams
@@ -135,16 +132,15 @@ def test_a_draft_that_is_always_right_catches_up_between_rounds(target_and_draft
 
 def test_command_line_reports_acceptance(target_and_draft):
     _, _, (target_dir, draft_dir) = target_and_draft
-    base = [sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", str(target_dir), "--prompt", "abcabcabc",
-            "--max-new-tokens", "12", "--json"]
-    plain_run = subprocess.run(base, capture_output=True, text=True, timeout=300)
-    for extra in (["--draft", "ngram"], ["--draft-checkpoint", str(draft_dir), "--speculate-k", "3"]):
-        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        record = json.loads(r.stdout)
+    base = ["generate.py", "--checkpoint", target_dir, "--prompt", "abcabcabc", "--max-new-tokens", "12", "--json"]
+    plain_run, *runs, r = run_commands([base, base + ["--draft", "ngram"],
+                                        base + ["--draft-checkpoint", draft_dir, "--speculate-k", "3"],
+                                        base + ["--draft", "ngram", "--speculate-k", "0"]])
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        record = json.loads(run.stdout)
         assert record["text"] == json.loads(plain_run.stdout)["text"]
         assert 0 <= record["acceptance_rate"] <= 1 and record["tokens_per_target_step"] >= 1
-    r = subprocess.run(base + ["--draft", "ngram", "--speculate-k", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "error: --speculate-k must be >= 1, not 0"
 
 

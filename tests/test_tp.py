@@ -11,7 +11,7 @@ import torch
 
 import tp
 from bench import write_random_checkpoint
-from conftest import ROOT, converted_checkpoint, run_script
+from conftest import ROOT, converted_checkpoint, run_python, run_script, torchrun
 from checkpoint import load_model
 from model import ModelArgs
 
@@ -28,11 +28,6 @@ if tp.rank() == 0:
     torch.save(logits, {out!r})
 tp.exit_process(0)  # as generate.py ends: a rank torn down by the interpreter can abort in gloo
 '''
-
-
-def torchrun(n, *args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def alone_and_on_ranks(n, cli):
@@ -137,18 +132,31 @@ tp.exit_process(0)
 '''
 
 
-def test_engine_on_two_ranks_gives_one_process_tokens(tmp_path_factory, tmp_path):
-    """Rank 0's requests and aborts reach every rank at the next step: all ranks step the same batches,
-    each over its shard of the model, and give one process's tokens (preemption included)."""
+@pytest.fixture(scope="module")
+def engine_alone(tmp_path_factory):
+    """The engine worker's checkpoint, and what the worker prints in one process."""
     ckpt = checkpoint(tmp_path_factory, "gqa")
-    script = tmp_path / "engine_worker.py"
+    script = tmp_path_factory.mktemp("engine") / "engine_worker.py"
     script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt), pp=1))
-    single = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    r = torchrun(2, script)
-    assert single.returncode == 0 and r.returncode == 0, (single.stderr[-2000:], r.stderr[-2000:])
-    one, two = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (single, r))
-    assert two["tokens"] == one["tokens"] and two["reasons"] == one["reasons"] == ["length"] * 3 + ["abort"]
-    assert one["stats"]["preemptions"] > 0
+    r = run_python(script)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads(r.stdout.strip().splitlines()[-1])
+    assert one["reasons"] == ["length"] * 3 + ["abort"] and one["stats"]["preemptions"] > 0
+    return ckpt, one
+
+
+@pytest.mark.parametrize("world,pp", [(2, 1), (2, 2), (4, 2)])
+def test_engine_on_ranks_gives_one_process_tokens(engine_alone, tmp_path, world, pp):
+    """Rank 0's requests and aborts reach every rank at the next step: all ranks step the same batches, each
+    over its shard of the model or its stage (and 2 x 2), and give one process's tokens: requests arriving
+    between steps, chunked prompts, preemption, a seeded sampled request and an abort."""
+    ckpt, one = engine_alone
+    script = tmp_path / "engine_worker.py"
+    script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt), pp=pp))
+    r = torchrun(world, script)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ranks["tokens"] == one["tokens"] and ranks["reasons"] == one["reasons"]
 
 
 @pytest.mark.parametrize("pp", [1, 2])
