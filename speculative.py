@@ -8,6 +8,9 @@ Drafts: another checkpoint with the same tokenizer (a quantized copy of the targ
 prompt lookup ("ngram"): the tokens that followed the latest earlier occurrence of the last few tokens.
 
 The output is exactly the target's. Greedy: a proposal is kept while it equals the target's argmax.
+(Up to rounding: the verify step computes k + 1 positions in one pass, whose floating-point rounding is
+not one position's. In bfloat16 two logits within a rounding step of each other can come out in either
+order, as they can between eager and compiled steps.)
 Sampling (Leviathan et al. 2023; Chen et al. 2023): proposal d, drawn from the draft's q, is kept with
 probability min(1, p(d) / q(d)); at the first rejection the token is drawn from max(p - q, 0),
 renormalised; if all k are kept, one more is drawn from p. top-k / top-p truncate p and q alike.
