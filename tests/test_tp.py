@@ -134,8 +134,9 @@ tp.exit_process(0)
 
 @pytest.fixture(scope="module")
 def engine_alone(tmp_path_factory):
-    """The engine worker's checkpoint, and what the worker prints in one process."""
-    ckpt = checkpoint(tmp_path_factory, "gqa")
+    """The engine worker's checkpoint (three layers: two stages split them unevenly; 128 MLP units, 64 per
+    rank), and what the worker prints in one process."""
+    ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=31, num_hidden_layers=3, intermediate_size=128)[1]
     script = tmp_path_factory.mktemp("engine") / "engine_worker.py"
     script.write_text(ENGINE_WORKER.format(root=ROOT, ckpt=str(ckpt), pp=1))
     r = run_python(script)
