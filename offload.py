@@ -228,13 +228,14 @@ class Buffers:
         self.buffers, self.slots = buffers, len(buffers)
         self.buffer_tensors = [tensors_of(b) for b in buffers]
         self.pointers = [Pointer(block, list(self.buffer_tensors[0])) for block in blocks]
-        # what qlinear.prepare chose for a buffer's layers (not tensors) holds for theirs: the kernels, and the
-        # class (a float layer that became HalfLinear)
+        # what qlinear.prepare chose for a buffer's layers (not tensors) holds for theirs: the kernels and up
+        # to how many rows they run, and the class (a float layer that became HalfLinear)
         for block in blocks:
             for mine, theirs in zip(block.modules(), buffers[0].modules()):
                 mine.__class__ = type(theirs)
-                if hasattr(theirs, "kernel_rows"):
-                    mine.kernel_rows = theirs.kernel_rows
+                for chosen in ("kernel_rows", "fused_rows"):
+                    if hasattr(theirs, chosen):
+                        setattr(mine, chosen, getattr(theirs, chosen))
         for j in range(len(blocks)):
             self.bind(j, j % len(buffers))  # on the device from the start: model.dtype_device() reads layer 0
 

@@ -24,6 +24,13 @@ Which kernel runs:
   (`_weight_int4pack_mm_for_cpu`) up to INT4_FUSED_MAX_ROWS rows (compiled, autotuned against Inductor's
   own int4 kernel: decode.frozen_settings); for a prompt of many rows, the weight dequantized and the float
   matmul.
+- int4 on a CUDA GPU (compute capability 8.0 and up): PyTorch's fused weight-only kernel
+  (`_weight_int4pack_mm`, tinygemm) up to CUDA_INT4_FUSED_MAX_ROWS rows, on a copy of the weight packed
+  for it at load; more rows dequantize the weight and use the float matmul.
+- int8 on a CUDA GPU: compiled, up to CUDA_INT8_SUM_MAX_ROWS rows, the product written as a multiply and
+  a sum over the int8 weight, which Inductor compiles into one reduction that converts each weight as it
+  reads it (decode.Steps.compiled's coordinate descent tuning makes one row's plain products the same
+  shape); otherwise the weight converted and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
 quantize.py writes the quantized layers' tensors; checkpoint.py builds the layers, loads them and calls
 prepare(), which also makes float layers HalfLinear where it runs them.
@@ -55,6 +62,13 @@ HALF_KERNEL_ROWS = 32
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
 # weights' error.
 KERNEL_DTYPE = torch.bfloat16
+# On a CUDA GPU, a converted int8 weight would be written and read again beside the int8 one, more bytes
+# than bfloat16's: for a decode step's few rows, the product is a multiply and a sum that Inductor fuses
+# with the conversion. PyTorch's int4 kernel for CUDA reads the packed weight once for all rows, but its
+# work grows with the rows; beyond these many rows the dequantized weight and cuBLAS take over (crossovers
+# in BENCHMARKS.md).
+CUDA_INT8_SUM_MAX_ROWS = 8
+CUDA_INT4_FUSED_MAX_ROWS = 64
 
 
 class Int8Linear(nn.Module):
@@ -105,6 +119,9 @@ class Int8Linear(nn.Module):
             y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
                                        self.row_range, (self.unit_scales, self.zero_points))
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        elif (x.device.type == "cuda" and torch.compiler.is_compiling()
+              and x[..., 0].numel() <= CUDA_INT8_SUM_MAX_ROWS):  # (eager, this would hold [rows, N, K])
+            y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         elif x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:  # an unsmoothed checkpoint
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
                                                    self.scales.to(KERNEL_DTYPE))
@@ -165,17 +182,28 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        # PyTorch's CPU kernel's layout and scales, made by prepare()
+        # PyTorch's kernel's layout and scales (its CPU or its CUDA kernel), made by prepare(), and up to
+        # how many rows that kernel runs
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
         # qkernels.cpp's copy of the layer, made by prepare(): its values, and a float16 scale and offset
         # (zero - 8 * scale) per block of 32 inputs, eight output channels interleaved (pack_int4_for_kernel)
         self.register_buffer("kernel_weight", None, persistent=False)
+        self.fused_rows = 0
         self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer
 
     def prepare(self):
         """Repack for the device's kernels, once the weights are loaded where they will run; into the
         repacked buffers when they exist (offload.py refills a layer's buffers at every step)."""
+        if self.weight.device.type == "cuda":
+            inner_k_tiles = cuda_int4_tiles(self)
+            if inner_k_tiles:
+                # tinygemm's packing takes the even input of each byte in the high nibble; ours is in the low
+                packed = torch.ops.aten._convert_weight_to_int4pack((self.weight << 4) | (self.weight >> 4),
+                                                                    inner_k_tiles)
+                self.fused_rows = CUDA_INT4_FUSED_MAX_ROWS
+                self.fill_packed(packed, self.scales_and_zeros.to(KERNEL_DTYPE))
+            return
         if self.weight.device.type != "cpu":
             return
         self.kernel_rows = cpu_kernels() if self.groupsize % 32 == 0 else 0
@@ -189,9 +217,11 @@ class Int4Linear(nn.Module):
                 self.kernel_weight.copy_(kernel_weight)
         if self.kernel_rows == float("inf") or self.out_features % 16:  # (its blocks are of 16 channels)
             return  # PyTorch's kernel would never run, or cannot
-        packed = pack_int4_for_cpu(self.weight)
+        self.fused_rows = INT4_FUSED_MAX_ROWS
         # Kept in the kernel's dtype: converting the float32 scales at every step would re-read them.
-        scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
+        self.fill_packed(pack_int4_for_cpu(self.weight), self.scales_and_zeros.to(KERNEL_DTYPE))
+
+    def fill_packed(self, packed, scales_and_zeros):
         if self.packed is None:
             self.packed, self.kernel_scales_and_zeros = packed, scales_and_zeros
         else:
@@ -202,14 +232,27 @@ class Int4Linear(nn.Module):
         rows = x[..., 0].numel()
         if rows <= self.kernel_rows:
             y = cpu_kernel(torch.ops.nimblelm.q4_linear, x, self.kernel_weight, self.out_features)
-        elif self.packed is not None and rows <= INT4_FUSED_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
-                self.kernel_scales_and_zeros.to(KERNEL_DTYPE))  # a no-op unless the module was cast since
+        elif self.packed is not None and rows <= self.fused_rows:
+            mm = (torch.ops.aten._weight_int4pack_mm if self.packed.device.type == "cuda"
+                  else torch.ops.aten._weight_int4pack_mm_for_cpu)
+            y = mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.packed, self.groupsize,
+                   self.kernel_scales_and_zeros.to(KERNEL_DTYPE))  # a no-op unless the module was cast since
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize, x.dtype))
         return y + self.bias if self.bias is not None else y
+
+
+def cuda_int4_tiles(layer: Int4Linear) -> int:
+    """The innerKTiles that PyTorch's CUDA int4 kernel (tinygemm) packs this layer's weight with, or 0
+    where that kernel cannot run it: it needs compute capability 8.0, groups of 32 to 256 inputs, output
+    channels in eights and inputs in tiles of 16 x innerKTiles (2, 4 or 8: the most that divides them).
+    Not on ROCm, whose build of it we have not run."""
+    device = layer.weight.device
+    if (torch.version.hip or torch.cuda.get_device_capability(device) < (8, 0)
+            or layer.groupsize not in (32, 64, 128, 256) or layer.out_features % 8):
+        return 0
+    return next((t for t in (8, 4, 2) if layer.in_features % (16 * t) == 0), 0)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,12 @@ SMALL = replace(SHAPES["smollm2-135m"], dim=128, n_layers=6, n_heads=4, n_kv_hea
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    return small_checkpoints(tmp_path_factory.mktemp("offload"))
+
+
+def small_checkpoints(directory) -> dict:
     """A small random bfloat16 checkpoint (every layer's weights different), and its int8 and int4 copies."""
-    base = tmp_path_factory.mktemp("offload") / "bf16"
+    base = directory / "bf16"
     base.mkdir()
     write_random_checkpoint(SMALL, str(base))
     out = {"bf16": str(base)}
