@@ -152,10 +152,7 @@ class Steps:
 
     def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
-        the whole step as one launch, so its many small kernels cost no host time, and coordinate descent
-        tuning is on: Inductor then writes a one-row matrix product as a multiply and a sum (its own
-        decomposition of mm), a reduction it tunes to stream the weight, into which a quantized weight's
-        conversion fuses (qlinear.Int8Linear). loop_attention: see
+        the whole step as one launch, so its many small kernels cost no host time. loop_attention: see
         inductor_options (for steps over a static KV cache; a paged cache's gathered keys and values
         would be gathered again for every query row inside the loops).
 
@@ -165,8 +162,7 @@ class Steps:
         constants (freezing), from frozen_settings, which says what that buys. The graph then no
         longer reads the model's weights: changing them after compiling changes nothing."""
         if self.device.type == "cuda":
-            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}  # (cudagraphs: reduce-overhead)
-            return torch.compile(own_copy(fn), options=options, fullgraph=True, **kwargs)
+            return torch.compile(own_copy(fn), mode="reduce-overhead", fullgraph=True, **kwargs)
         options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=model_unguarded)
         return CompiledStep(fn, options, frozen, **kwargs)
 

@@ -27,10 +27,6 @@ Which kernel runs:
 - int4 on a CUDA GPU (compute capability 8.0 and up): PyTorch's fused weight-only kernel
   (`_weight_int4pack_mm`, tinygemm) up to CUDA_INT4_FUSED_MAX_ROWS rows, on a copy of the weight packed
   for it at load; more rows dequantize the weight and use the float matmul.
-- int8 on a CUDA GPU: compiled, up to CUDA_INT8_SUM_MAX_ROWS rows, the product written as a multiply and
-  a sum over the int8 weight, which Inductor compiles into one reduction that converts each weight as it
-  reads it (decode.Steps.compiled's coordinate descent tuning makes one row's plain products the same
-  shape); otherwise the weight converted and the float matmul.
 - Other devices: the weight dequantized and the float matmul (weight-only).
 quantize.py writes the quantized layers' tensors; checkpoint.py builds the layers, loads them and calls
 prepare(), which also makes float layers HalfLinear where it runs them.
@@ -62,12 +58,8 @@ HALF_KERNEL_ROWS = 32
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
 # weights' error.
 KERNEL_DTYPE = torch.bfloat16
-# On a CUDA GPU, a converted int8 weight would be written and read again beside the int8 one, more bytes
-# than bfloat16's: for a decode step's few rows, the product is a multiply and a sum that Inductor fuses
-# with the conversion. PyTorch's int4 kernel for CUDA reads the packed weight once for all rows, but its
-# work grows with the rows; beyond these many rows the dequantized weight and cuBLAS take over (crossovers
-# in BENCHMARKS.md).
-CUDA_INT8_SUM_MAX_ROWS = 8
+# PyTorch's int4 kernel for CUDA reads the packed weight once for all rows, but its work grows with the
+# rows; beyond these many rows the dequantized weight and cuBLAS take over (crossovers in BENCHMARKS.md).
 CUDA_INT4_FUSED_MAX_ROWS = 64
 
 
@@ -119,9 +111,6 @@ class Int8Linear(nn.Module):
             y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
                                        self.row_range, (self.unit_scales, self.zero_points))
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        elif (x.device.type == "cuda" and torch.compiler.is_compiling()
-              and x[..., 0].numel() <= CUDA_INT8_SUM_MAX_ROWS):  # (eager, this would hold [rows, N, K])
-            y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
         elif x.device.type == "cpu" and x[..., 0].numel() <= INT8_FUSED_MAX_ROWS:  # an unsmoothed checkpoint
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
                                                    self.scales.to(KERNEL_DTYPE))
@@ -311,6 +300,9 @@ def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
     offset = (zero - 8 * scale).to(dtype)[..., None]
     scale = scale.to(dtype)[..., None]
     p = packed.view(out_features, -1, groupsize // 2)  # [out, groups, groupsize / 2]
+    if torch.compiler.is_compiling():  # Dynamo takes no out= views; Inductor makes this one pass anyway
+        q = torch.stack([p & 0xF, p >> 4], dim=-1).to(dtype)  # [..., even / odd input]
+        return (q * scale[..., None] + offset[..., None]).view(out_features, -1)
     w = torch.empty(*p.shape, 2, dtype=dtype, device=packed.device)  # [..., even / odd input]
     torch.addcmul(offset, (p & 0xF).to(dtype), scale, out=w[..., 0])
     torch.addcmul(offset, (p >> 4).to(dtype), scale, out=w[..., 1])
