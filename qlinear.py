@@ -26,8 +26,11 @@ Which kernel runs:
   matmul.
 - int4 on a CUDA GPU (compute capability 8.0 and up): PyTorch's fused weight-only kernel
   (`_weight_int4pack_mm`, tinygemm) up to CUDA_INT4_FUSED_MAX_ROWS rows, on a copy of the weight packed
-  for it at load; more rows dequantize the weight and use the float matmul.
-- Other devices: the weight dequantized and the float matmul (weight-only).
+  for it at load (the stored one stays, for prompts: twice the int4 weights' memory); more rows dequantize
+  the weight and use the float matmul.
+- Other devices, and int8 on a CUDA GPU: the weight dequantized and the float matmul (weight-only). On an
+  H200 that int8 product took longer than bfloat16's, as did Inductor's fusion of the conversion into a
+  multiply-and-sum (BENCHMARKS.md): int8 saves memory there, not time.
 quantize.py writes the quantized layers' tensors; checkpoint.py builds the layers, loads them and calls
 prepare(), which also makes float layers HalfLinear where it runs them.
 """
@@ -59,7 +62,9 @@ HALF_KERNEL_ROWS = 32
 # weights' error.
 KERNEL_DTYPE = torch.bfloat16
 # PyTorch's int4 kernel for CUDA reads the packed weight once for all rows, but its work grows with the
-# rows; beyond these many rows the dequantized weight and cuBLAS take over (crossovers in BENCHMARKS.md).
+# rows: on an H200 it took about as long for 1 to 64 rows of a 2048 x 8192 product, and 3.5 times that for
+# 256 (BENCHMARKS.md). Beyond these many rows, the dequantized weight and cuBLAS's product take over; where
+# between 64 and 256 rows that starts to pay has not been measured.
 CUDA_INT4_FUSED_MAX_ROWS = 64
 
 
@@ -171,14 +176,13 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
                                                              dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        # PyTorch's kernel's layout and scales (its CPU or its CUDA kernel), made by prepare(), and up to
-        # how many rows that kernel runs
+        # PyTorch's kernel's layout and scales (its CPU or its CUDA kernel), made by prepare()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
         # qkernels.cpp's copy of the layer, made by prepare(): its values, and a float16 scale and offset
         # (zero - 8 * scale) per block of 32 inputs, eight output channels interleaved (pack_int4_for_kernel)
         self.register_buffer("kernel_weight", None, persistent=False)
-        self.fused_rows = 0
+        self.fused_rows = 0  # up to how many rows PyTorch's kernel runs this layer (set by prepare())
         self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer
 
     def prepare(self):

@@ -4,6 +4,7 @@ here skips where PyTorch sees no CUDA GPU (CI has none); .ci/cuda runs them on a
 import pytest
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 import decode as G
 import qlinear
@@ -68,12 +69,16 @@ def test_greedy_on_the_gpu_equals_the_cpu_eager_and_compiled(tiny):
     gpu = load_model(tiny["float"], device=CUDA)
     gpu.setup_caches(3, 3 * G.KV_BLOCK)
     assert (greedy(gpu, alone, 40), greedy(gpu, batch, 40)) == expected
+    skips = counters["inductor"]["cudagraph_skips"]
     for prompt, tokens in zip((alone, batch), expected):
         gpu.setup_caches(len(prompt) if isinstance(prompt[0], list) else 1, 3 * G.KV_BLOCK)
         steps = Steps(gpu, compile=True)
         greedy(gpu, prompt, 2, steps)  # compiles
         with torch.compiler.set_stance("fail_on_recompile"):
             assert greedy(gpu, prompt, 40, steps) == tokens
+    # Inductor falls back to launching each kernel from Python where it cannot use CUDA graphs, and says
+    # why only in its logs (TORCH_LOGS=cudagraphs)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "a compiled step runs without CUDA graphs"
 
 
 def compiled_code(fn, *args):
