@@ -15,15 +15,11 @@ from decode import Steps, generate
 from engine import Engine
 from offload import OffloadOptions, load_offloaded
 from sampling import SamplingParams
+from test_engine import random_prompts
 from test_offload import checked_streaming, small_checkpoints
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")
 CUDA = "cuda"
-
-
-def random_prompts(lengths, seed, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def greedy(model, prompt, n, steps=None):
