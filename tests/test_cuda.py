@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 import decode as G
 import qlinear
 import quantize as Q
+import test_model_parity as parity
 from checkpoint import load_model
 from conftest import FAMILIES, converted_checkpoint
 from decode import Steps, generate
@@ -16,7 +17,7 @@ from engine import Engine
 from offload import OffloadOptions, load_offloaded
 from sampling import SamplingParams
 from test_engine import random_prompts
-from test_offload import checked_streaming, small_checkpoints
+from test_offload import checked_streaming, small_checkpoints, three_passes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")
 CUDA = "cuda"
@@ -39,19 +40,11 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers_on_the_gpu(tmp_path_factory, family):
+    """test_model_parity's checks, with both models on the GPU: a prefill, and decoding through the KV cache."""
     hf, out = converted_checkpoint(tmp_path_factory, family)
-    hf = hf.to(CUDA)
-    ours = load_model(str(out), device=CUDA)
-    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1)).to(CUDA)
-    ours.setup_caches(2, 64)
-    with torch.no_grad():
-        expected = hf(tokens).logits
-    torch.testing.assert_close(ours(tokens, torch.arange(40, device=CUDA)), expected, atol=1e-4, rtol=0)
-    ours.setup_caches(2, 64)  # prefill 8, then one token at a time through the KV cache
-    ours(tokens[:, :8], torch.arange(8, device=CUDA))
-    for i in range(8, 40):
-        got = ours(tokens[:, i:i + 1], torch.tensor([i], device=CUDA))
-        torch.testing.assert_close(got[:, 0], expected[:, i], atol=1e-4, rtol=0)
+    pair = hf.to(CUDA), load_model(str(out), device=CUDA)
+    parity.test_prefill_logits_match(pair)
+    parity.test_decode_through_kv_cache_matches(pair)
 
 
 def test_greedy_on_the_gpu_equals_the_cpu_eager_and_compiled(tiny):
@@ -141,12 +134,8 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_streamed_layers_on_the_gpu_compute_exactly_what_resident_ones_do(checkpoints, mode):
     reference = load_model(checkpoints[mode], device=CUDA, dtype=torch.bfloat16)
-    reference.setup_caches(2, 64)
     tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0)).to(CUDA)
-    pos = [torch.arange(11, device=CUDA), torch.tensor([11], device=CUDA), torch.tensor([12], device=CUDA)]
-    inputs = [tokens, tokens[:, :1], tokens[:, 1:2]]
-    with torch.no_grad():
-        expected = [reference(t, p) for t, p in zip(inputs, pos)]
+    expected = three_passes(reference, tokens)
     for prefetch in (0, 1, 2):
         for gpu_layers in (0, 2):
             model = load_offloaded(checkpoints[mode], CUDA, torch.bfloat16,
@@ -154,9 +143,7 @@ def test_streamed_layers_on_the_gpu_compute_exactly_what_resident_ones_do(checkp
             stats = model.offload.stats()
             assert (stats["resident_layers"], stats["streamed_layers"]) == (gpu_layers, 6 - gpu_layers)
             served = checked_streaming(model, reference)
-            model.setup_caches(2, 64)
-            with torch.no_grad():
-                got = [model(t, p) for t, p in zip(inputs, pos)]
+            got = three_passes(model, tokens)
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (prefetch, gpu_layers)
             assert served == list(range(6)) * 3
             assert model.offload.stats()["copy_seconds"] > 0

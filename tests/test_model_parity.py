@@ -13,24 +13,26 @@ def pair(request, tmp_path_factory):
 
 
 def test_prefill_logits_match(pair):
-    hf, ours = pair
-    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    hf, ours = pair  # (on one device: test_cuda runs these on a GPU)
+    device = ours.norm.weight.device
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1)).to(device)
     ours.setup_caches(2, 64)
     with torch.no_grad():
         expected = hf(tokens).logits
-    got = ours(tokens, torch.arange(40))
+    got = ours(tokens, torch.arange(40, device=device))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_decode_through_kv_cache_matches(pair):
     hf, ours = pair
-    tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    device = ours.norm.weight.device
+    tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2)).to(device)
     ours.setup_caches(1, 64)
     with torch.no_grad():
         expected = hf(tokens).logits
-    ours(tokens[:, :8], torch.arange(8))  # prefill 8, then one token at a time
+    ours(tokens[:, :8], torch.arange(8, device=device))  # prefill 8, then one token at a time
     for i in range(8, 24):
-        got = ours(tokens[:, i:i + 1], torch.tensor([i]))
+        got = ours(tokens[:, i:i + 1], torch.tensor([i], device=device))
         torch.testing.assert_close(got[:, 0], expected[:, i], atol=1e-4, rtol=0)
 
 

@@ -61,17 +61,23 @@ def checked_streaming(model, reference):
     return served
 
 
+def three_passes(model, tokens):
+    """A prefill of tokens [2, 11] on a fresh cache, then two one-token steps: every layer runs three times."""
+    model.setup_caches(2, 64)
+    device = tokens.device
+    with torch.no_grad():
+        return [model(tokens, torch.arange(11, device=device)), model(tokens[:, :1], torch.tensor([11], device=device)),
+                model(tokens[:, 1:2], torch.tensor([12], device=device))]
+
+
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 # float16: the bfloat16 file's layers copied into buffers, which run qlinear.HalfLinear on a CPU without float16
 # products, as the resident ones do
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_streamed_layers_compute_exactly_what_resident_ones_do(checkpoints, mode, dtype):
     reference = load_model(checkpoints[mode], dtype=dtype)
-    reference.setup_caches(2, 64)
     tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = [reference(tokens, torch.arange(11)), reference(tokens[:, :1], torch.tensor([11])),
-                    reference(tokens[:, 1:2], torch.tensor([12]))]
+    expected = three_passes(reference, tokens)
     greedy = list(generate(reference, tokens[0].tolist(), SamplingParams(max_tokens=12)))
     for prefetch in (0, 1, 2):
         for resident_layers in (0, 2):
@@ -82,10 +88,7 @@ def test_streamed_layers_compute_exactly_what_resident_ones_do(checkpoints, mode
             if mode != "int8":  # in place where the file holds what runs, else copied (int8: by its alignment)
                 assert stats["zero_copy"] == (mode == "bf16" and dtype == torch.bfloat16)
             served = checked_streaming(model, reference)
-            model.setup_caches(2, 64)
-            with torch.no_grad():
-                got = [model(tokens, torch.arange(11)), model(tokens[:, :1], torch.tensor([11])),
-                       model(tokens[:, 1:2], torch.tensor([12]))]
+            got = three_passes(model, tokens)
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (prefetch, resident_layers)
             assert served == list(range(6)) * 3
             model.setup_caches(1, 64)
