@@ -10,6 +10,7 @@ Decoding runs over the model's static KV cache, so a compiled decode step is one
 on CUDA). Sampling happens on the device; the only host transfer per step is the new token.
 """
 import operator
+import os
 import types
 import warnings
 from typing import Iterator, Optional
@@ -18,7 +19,7 @@ import torch
 
 from errors import UsageError
 from model import Transformer
-from qlinear import Int4Linear, Int8Linear
+from qlinear import Int4Linear, Int8Linear, cpu_kernels
 from sampling import SamplingParams, sample
 
 try:
@@ -67,8 +68,8 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
     changes nothing for compilations that do not turn the pass on.
 
     The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
-    few queries becomes Inductor's own loops (few_query_attention_pass; loop_attention=False keeps the
-    kernel); the wrapper, the code that calls a step's kernels and products one after another, is C++
+    few queries becomes qkernels.cpp's or Inductor's own loops (few_query_attention_pass;
+    loop_attention=False keeps PyTorch's kernel); the wrapper, the code that calls a step's kernels and products one after another, is C++
     (cpp_wrapper), not Python, as a hundred and more calls a step each cost less from C++ (its first
     compilation takes longer, C++ to build; Inductor's cache keeps it for later processes, though never
     a frozen step, whichever the wrapper: frozen_settings); and
@@ -109,12 +110,17 @@ def few_query_attention_pass():
     for few_query_attention where the queries are few: a decode step's.
 
     PyTorch's flash-attention kernel for the CPU costs tens of microseconds a call however little it has
-    to do, and a decode step calls it once per layer over a handful of query rows. Written as sums, the
-    same attention becomes Inductor's loops, fused with the RoPE and cache update before it, with no call
-    out of the compiled code. Prompts (many queries, or a symbolic number) keep the kernel. The pass has
-    a uuid (this file's hash), so Inductor's caches tell its graphs from those compiled without it. (Made
+    to do, and a decode step calls it once per layer over a handful of query rows. Where qkernels.cpp is
+    built (qlinear.cpu_kernels), its few_query_attention takes the call: its sums are vectorised by hand,
+    and took a third to a half of the time of Inductor's loops below (BENCHMARKS.md). Elsewhere the
+    same attention written as sums becomes Inductor's loops, fused with the RoPE and cache update before
+    it, with no call out of the compiled code. Prompts (many queries, or a symbolic number) keep the
+    kernel. The pass has a uuid (this file's and qkernels.cpp's hash, and whether that is built), so
+    Inductor's caches tell its graphs from those compiled without it or with the other attention. (Made
     here, not at import: importing Inductor takes a second that eager decoding need not pay.)"""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    kernel = torch.ops.nimblelm.few_query_attention.default if cpu_kernels() else None
 
     class FewQueryAttention(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph):
@@ -123,13 +129,25 @@ def few_query_attention_pass():
                 if node.op != "call_function" or node.target is not torch._C._nn.scaled_dot_product_attention:
                     continue
                 args = dict(zip(names, node.args), **node.kwargs)
-                q, k = (getattr(args.get(name), "meta", {}).get("example_value") for name in ("query", "key"))
-                if (q is not None and k is not None and isinstance(q.shape[-2], int) and q.shape[-2] <= FEW_QUERIES
-                        and k.shape[1] == q.shape[1] and not args.get("dropout_p") and not args.get("is_causal")):
+                q, k, mask = (getattr(args.get(name), "meta", {}).get("example_value")
+                              for name in ("query", "key", "attn_mask"))
+                if (q is None or k is None or not isinstance(q.shape[-2], int) or q.shape[-2] > FEW_QUERIES
+                        or k.shape[1] != q.shape[1] or args.get("dropout_p") or args.get("is_causal")):
+                    continue
+                if (kernel is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                        and k.dtype == q.dtype and q.shape[-1] % 8 == 0 and k.stride(-1) == 1
+                        and (args.get("attn_mask") is None or (mask is not None and mask.dtype == torch.bool))):
+                    scale = args.get("scale")
+                    node.target = kernel
+                    node.args = (args["query"], args["key"], args["value"], args.get("attn_mask"),
+                                 q.shape[-1] ** -0.5 if scale is None else scale)
+                    node.kwargs = {}
+                else:
                     node.target = few_query_attention
 
         def uuid(self):
-            return get_hash_for_files((__file__,))
+            kernels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
+            return get_hash_for_files((__file__, kernels), extra=str(kernel is not None))
 
     return FewQueryAttention()
 

@@ -1,6 +1,7 @@
 // The CPU kernels of a decode step: int8 x int8 and int4 x int8 products, in llama.cpp's scheme (Q8_0 x Q8_0,
-// Q4_1 x Q8_0) over our layers' own tensors; and, for CPUs without bfloat16 instructions, bfloat16 or
-// float16 weights by float32 inputs (half_linear, at the end).
+// Q4_1 x Q8_0) over our layers' own tensors; for CPUs without bfloat16 instructions, bfloat16 or float16
+// weights by float32 inputs (half_linear); and the attention of a decode step's few query rows
+// (few_query_attention, which decode.few_query_attention_pass puts in compiled steps).
 //
 // Each product rounds its input rows to int8 in blocks of 32 (x ~ d * q, q in -127..127, one float scale d
 // per block), multiplies them by the weight's blocks in integers, and scales each block's sum in float:
@@ -21,11 +22,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -234,13 +238,16 @@ void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* s
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// One output for R rows of a bfloat16 or float16 weight: each 8 weights convert to float32 in registers and
+// O outputs for R rows of a bfloat16 or float16 weight: each 8 weights convert to float32 in registers and
 // multiply-add with every row's 8 inputs. (Where the CPU has no bfloat16 instructions, PyTorch's products of
-// such weights run at the same few GFLOP/s whatever the rows.) One row keeps two sets of sums, so that
-// each multiply-add waits less on the one before (measured: two beat one, four and eight); more rows are
-// as many sets already.
+// such weights run at the same few GFLOP/s whatever the rows.) A multiply-add waits on the one before into
+// the same sums for several cycles, so a pass keeps at least about eight sets of sums going: one row two
+// per output, two rows two per output and row, more rows one per output and row. Several rows take two
+// outputs at a time (each row's inputs loaded once for both), whose sums fill twelve of the sixteen vector
+// registers at six rows. Measured on an AVX2 machine (BENCHMARKS.md): a decode step's products took a
+// sixth less time at 2 to 8 rows than one output at a time, and one row as long.
 
-constexpr int HALF_MAX_ROWS = 8;
+constexpr int HALF_MAX_ROWS = 6, HALF_OUTPUTS = 2;
 
 template <typename W>
 inline __m256 load_weights8(const W* p) {
@@ -251,35 +258,157 @@ inline __m256 load_weights8(const W* p) {
     return _mm256_cvtph_ps(h);
 }
 
-template <int R, typename W>
+// w: the first of O weight rows, which lie one after another in memory
+template <int O, int R, typename W>
 void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
-  constexpr int U = R == 1 ? 2 : 1;
-  __m256 acc[U][R];
+  constexpr int U = R <= 2 ? 2 : 1;
+  __m256 acc[U][O][R];
   for (int u = 0; u < U; ++u)
-    for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 * U <= K; k += 8 * U) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + PREFETCH, _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) {
-      const __m256 wv = load_weights8(w + k + 8 * u);
-      for (int r = 0; r < R; ++r) acc[u][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k + 8 * u), acc[u][r]);
+    for (int o = 0; o < O; ++o)
+      for (int r = 0; r < R; ++r) acc[u][o][r] = _mm256_setzero_ps();
+  auto step = [&](int64_t k, int u) {
+    __m256 wv[O];
+    for (int o = 0; o < O; ++o) wv[o] = load_weights8(w + o * K + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      // in a register, read once for all O outputs (else the compiler reads it again for each)
+      if constexpr (R > 1) __asm__("" : "+x"(xv));
+      for (int o = 0; o < O; ++o) acc[u][o][r] = _mm256_fmadd_ps(wv[o], xv, acc[u][o][r]);
     }
+  };
+  // The O rows are read side by side, so the memory they span is used up O lines at a time: the prefetches
+  // run PREFETCH bytes past the last row's position at that speed, into the next outputs' rows, as one
+  // row's run past its own. (Ahead of each row on its own, they would ask for lines that the pass is
+  // about to read anyway: several rows then took as long as one output at a time.) One row prefetches
+  // every 32 bytes, as measured best for it; more rows every line.
+  constexpr int64_t AHEAD_EVERY = (R == 1 ? 32 : 64) / sizeof(W);
+  const char* ahead = reinterpret_cast<const char*>(w + (O - 1) * K) + PREFETCH;
+  int64_t k = 0;
+  for (; k + AHEAD_EVERY <= K; k += AHEAD_EVERY) {
+    for (int o = 0; o < O; ++o) _mm_prefetch(ahead + (O * k + o * AHEAD_EVERY) * sizeof(W), _MM_HINT_T0);
+    for (int j = 0; j < AHEAD_EVERY / 8; ++j) step(k + 8 * j, j % U);
   }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 wv = load_weights8(w + k);
-    for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[0][r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int u = 1; u < U; ++u) acc[0][r] = _mm256_add_ps(acc[0][r], acc[u][r]);
-    float sum = hsum(acc[0][r]);
-    for (int64_t i = k; i < K; ++i) sum += static_cast<float>(w[i]) * x[r * K + i];
-    y[r * ldy] = sum;
-  }
+  for (; k + 8 <= K; k += 8) step(k, 0);
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) {
+      for (int u = 1; u < U; ++u) acc[0][o][r] = _mm256_add_ps(acc[0][o][r], acc[u][o][r]);
+      float sum = hsum(acc[0][o][r]);
+      for (int64_t i = k; i < K; ++i) sum += static_cast<float>(w[o * K + i]) * x[r * K + i];
+      y[r * ldy + o] = sum;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The ops: outputs split among PyTorch's threads, WIDTH at a time (the int4 product's eight at once, or
-// one); for each, the activation rows MAX_ROWS at a time (HALF_MAX_ROWS for half_linear).
+// Attention of a few query rows (a decode or verify step) over a KV cache: for each batch row, head and
+// query row, the scores of every key, their softmax, and the weighted sum of the values, in float32. Inductor
+// compiles the same sums into loops that ran at a few GFLOP/s (a tenth of a bfloat16 decode step at batch
+// 8: BENCHMARKS.md); here each query row's scores come 8 keys at a time, added across lanes in one pass,
+// and the values' sums stay in registers.
+
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_loadu_ps(p);
+  else
+    return load_weights8(p);
+}
+
+// e^x in each lane (x <= 0 here, after the maximum is taken away): 2^n * e^r, r = x - n ln 2 in
+// [-ln 2 / 2, ln 2 / 2], e^r by its Taylor polynomial to degree 6 (relative error about 2e-7)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2 in two parts, for precision
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// 8 vectors -> one vector of their 8 sums, in order
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// out[d] += sum over keys l of w[l] * v[l][d], for D = 8 * V outputs from d0 on
+template <int V, typename T>
+inline void weighted_sum(const float* w, const T* v, int64_t L, int64_t ldv, float* out) {
+  __m256 acc[V];
+  for (int j = 0; j < V; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    if (w[l] == 0.f) continue;  // masked keys (never read: a slot past the text may hold anything)
+    const __m256 wl = _mm256_set1_ps(w[l]);
+    for (int j = 0; j < V; ++j) acc[j] = _mm256_fmadd_ps(wl, load8(v + l * ldv + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+}
+
+// one query row q [D] over keys k, values v [L, D] (rows ldk, ldv apart), mask [L] (or null) -> out [D]
+template <typename T>
+void attend(const T* q, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
+            const bool* mask, int64_t mask_step, float scale, T* out, float* scores, float* qf) {
+  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]) * scale;
+  float max = -INFINITY;
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(k + (l + j) * ldk + d), acc[j]);
+    }
+    _mm256_storeu_ps(scores + l, hsum8(acc));
+  }
+  for (; l < L; ++l) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(k + l * ldk + d), acc);
+    scores[l] = hsum(acc);
+  }
+  for (l = 0; l < L; ++l) {
+    if (mask && !mask[l * mask_step]) scores[l] = -INFINITY;
+    max = std::max(max, scores[l]);
+  }
+  float* sums = qf;  // q's floats are no longer needed: they become the output's
+  if (max == -INFINITY) {  // nothing to attend to
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(0.f);
+    return;
+  }
+  __m256 total = _mm256_setzero_ps();
+  const __m256 top = _mm256_set1_ps(max);
+  for (l = 0; l + 8 <= L; l += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + l), top));
+    // masked keys (-inf) exactly 0
+    const __m256 e0 = _mm256_and_ps(e, _mm256_cmp_ps(_mm256_loadu_ps(scores + l), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+    _mm256_storeu_ps(scores + l, e0);
+    total = _mm256_add_ps(total, e0);
+  }
+  float sum = hsum(total);
+  for (; l < L; ++l) sum += scores[l] = scores[l] == -INFINITY ? 0.f : std::exp(scores[l] - max);
+  const float inv = 1.f / sum;
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    switch (std::min<int64_t>(D - d0, 64) / 8) {
+      case 8: weighted_sum<8>(scores, v + d0, L, ldv, sums + d0); break;
+      case 7: weighted_sum<7>(scores, v + d0, L, ldv, sums + d0); break;
+      case 6: weighted_sum<6>(scores, v + d0, L, ldv, sums + d0); break;
+      case 5: weighted_sum<5>(scores, v + d0, L, ldv, sums + d0); break;
+      case 4: weighted_sum<4>(scores, v + d0, L, ldv, sums + d0); break;
+      case 3: weighted_sum<3>(scores, v + d0, L, ldv, sums + d0); break;
+      case 2: weighted_sum<2>(scores, v + d0, L, ldv, sums + d0); break;
+      default: weighted_sum<1>(scores, v + d0, L, ldv, sums + d0);
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sums[d] * inv);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The ops: outputs split among PyTorch's threads, WIDTH at a time (the int4 product's eight at once,
+// half_linear's two, or one); for each, the activation rows MAX_ROWS at a time (HALF_MAX_ROWS for
+// half_linear).
 
 // output(std::integral_constant<int, R>, n, ...) for the R rows from m on and the outputs from n on, R a
 // constant from 1 to ROWS
@@ -391,12 +520,64 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
                   weight.dim() == 2 && weight.size(1) == K, "weight: a contiguous [N, K] bfloat16 or float16");
   const float* xp = x.data_ptr<float>();
   auto run = [&](auto* w) {
-    return product<HALF_MAX_ROWS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
-      half_output<decltype(R)::value>(w + n * K, xp + m * K, K, y, ldy);
+    return product<HALF_MAX_ROWS, HALF_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      constexpr int rows = decltype(R)::value;
+      // one row (a decode step): one output at a time, whose rows of weights it reads in order
+      if (M > 1 && n + HALF_OUTPUTS <= N) return half_output<HALF_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
+      for (int64_t end = std::min(n + HALF_OUTPUTS, N); n < end; ++n, ++y)
+        half_output<1, rows>(w + n * K, xp + m * K, K, y, ldy);
     });
   };
   if (weight.scalar_type() == at::kBFloat16) return run(weight.data_ptr<at::BFloat16>());
   return run(weight.data_ptr<at::Half>());
+}
+
+
+// query [B, H, S, D]; key, value [B, H, L, D], each row of D contiguous (a view of the KV cache); attn_mask
+// [B or 1, H or 1, S, L] bool (True attends) or none -> [B, H, S, D], query's dtype. Work is split among
+// PyTorch's threads by batch row, head and query row.
+at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                               const std::optional<at::Tensor>& attn_mask, double scale) {
+  const at::Tensor q = query.contiguous();
+  TORCH_CHECK(q.dim() == 4 && key.dim() == 4 && value.dim() == 4, "query, key, value: [B, H, S or L, D]");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), L = key.size(2);
+  TORCH_CHECK(key.sizes() == value.sizes() && key.size(0) == B && key.size(1) == H && key.size(3) == D,
+              "key and value: [B, H, L, D] like query's");
+  TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1 && D % 8 == 0, "rows of D contiguous, D a multiple of 8");
+  TORCH_CHECK(key.scalar_type() == q.scalar_type() && value.scalar_type() == q.scalar_type(), "one dtype");
+  const bool* mask = nullptr;
+  int64_t mb = 0, mh = 0, ms = 0, ml = 0;
+  if (attn_mask) {
+    const at::Tensor& m = *attn_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(2) == S && m.size(3) == L &&
+                    (m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1),
+                "attn_mask: bool [B or 1, H or 1, S, L]");
+    mask = m.data_ptr<bool>();
+    mb = m.size(0) == 1 ? 0 : m.stride(0), mh = m.size(1) == 1 ? 0 : m.stride(1), ms = m.stride(2), ml = m.stride(3);
+  }
+  at::Tensor out = at::empty_like(q);
+  auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
+    at::parallel_for(0, B * H * S, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> buffer;  // the scores, and the query row's then the output's floats
+      buffer.resize(L + D);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / (H * S), h = i / S % H, s = i % S;
+        attend(qp + i * D, kp + b * key.stride(0) + h * key.stride(1), vp + b * value.stride(0) + h * value.stride(1),
+               L, D, key.stride(2), value.stride(2), mask ? mask + b * mb + h * mh + s * ms : nullptr, ml,
+               static_cast<float>(scale), op + i * D, buffer.data(), buffer.data() + L);
+      }
+    });
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(q.data_ptr<float>(), key.data_ptr<float>(), value.data_ptr<float>(), out.data_ptr<float>()); break;
+    case at::kBFloat16:
+      run(q.data_ptr<at::BFloat16>(), key.data_ptr<at::BFloat16>(), value.data_ptr<at::BFloat16>(),
+          out.data_ptr<at::BFloat16>());
+      break;
+    case at::kHalf: run(q.data_ptr<at::Half>(), key.data_ptr<at::Half>(), value.data_ptr<at::Half>(), out.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "float32, bfloat16 or float16");
+  }
+  return out;
 }
 
 }  // namespace
@@ -406,6 +587,7 @@ TORCH_LIBRARY(nimblelm, m) {
   m.def("q4_linear(Tensor x, Tensor weight, int N) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("q4_pack(Tensor weight, Tensor scales, Tensor offsets) -> Tensor");
+  m.def("few_query_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
@@ -413,4 +595,5 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("q4_linear", q4_linear);
   m.impl("half_linear", half_linear);
   m.impl("q4_pack", q4_pack);
+  m.impl("few_query_attention", few_query_attention);
 }

@@ -365,7 +365,8 @@ def replace_linears(model: nn.Module, quantization: dict):
 @functools.cache
 def cpu_kernels() -> float:
     """Build qkernels.cpp for this machine's CPU (-march=native) and register its ops as torch.ops.nimblelm
-    (q8_linear, q4_linear, half_linear; q4_pack), once a process; return up to how many rows they should run
+    (q8_linear, q4_linear, half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass),
+    once a process; return up to how many rows the products should run
     (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
     under a name that holds a digest of the CPU's features, so a machine builds it once, and a home shared
     by machines of different CPUs never runs one CPU's build on another. 0, with one line on stderr, where
@@ -395,6 +396,10 @@ def cpu_kernels() -> float:
     @torch.library.register_fake("nimblelm::half_linear")
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("nimblelm::few_query_attention")
+    def _(query, key, value, attn_mask, scale):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
     return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import decode as G
+import qlinear
 from checkpoint import load_model
 from conftest import converted_checkpoint, fixture, run_commands, run_script
 from decode import Steps, TextStream, generate
@@ -223,36 +224,50 @@ def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_few_query_attention_equals_sdpa(dtype):
-    """The decode step's attention as sums (what the CPU compiles) against PyTorch's kernel, both against
-    float64: K/V read as a slice of a longer cache, a causal bool mask per row, and the additive form."""
+    """The decode step's attention as sums (what the CPU compiles) and qkernels.cpp's (where it is built)
+    against PyTorch's kernel, all against float64: K/V read as a slice of a longer cache (rows wider than
+    a head), a causal bool mask per row (and, for the sums, the additive form), keys not a multiple of 8."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 6, 16, generator=g).to(dtype)  # (B, H, S, D): 2 rows, 3 heads, 6 query rows
     cache = torch.randn(2, 3, 64, 32, generator=g).to(dtype)
-    k, v = cache[:, :, :40, :16], cache[:, :, :40, 16:]
+    k, v = cache[:, :, :37, :16], cache[:, :, :37, 16:]
     pos = torch.tensor([30, 5])[:, None] + torch.arange(6)  # each row's query positions, (B, S)
-    mask = (torch.arange(40) <= pos[:, :, None]).unsqueeze(1)  # (B, 1, S, L)
+    mask = (torch.arange(37) <= pos[:, :, None]).unsqueeze(1)  # (B, 1, S, L)
     additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for m in (mask, additive):
-        ours = G.few_query_attention(q, k, v, attn_mask=m)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    outputs = [G.few_query_attention(q, k, v, attn_mask=m) for m in (mask, additive)]
+    outputs += [F.scaled_dot_product_attention(q, k, v, attn_mask=m) for m in (mask, additive)]
+    kernels = qlinear.cpu_kernels()
+    if kernels:
+        outputs.append(torch.ops.nimblelm.few_query_attention(q, k, v, mask, 16 ** -0.5))
+    for ours in outputs:
         assert ours.dtype == dtype and ours.shape == q.shape
         torch.testing.assert_close(ours.double(), reference, atol=tol, rtol=0)
-        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=m).double(), reference,
-                                   atol=tol, rtol=0)
+    if kernels:  # one row's mask for both rows, given per head (zero strides)
+        ours = torch.ops.nimblelm.few_query_attention(q, k, v, mask[:1].expand(2, 3, 6, 37), 16 ** -0.5)
+        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask[:1])
+        torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
 
 
-def test_attention_pass_swaps_decode_steps_only(tiny):
-    """The CPU pass gives a decode step (few queries) few_query_attention and leaves a prompt's (many
-    queries) to the kernel; the swapped step decodes as the eager one does."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_attention_pass_swaps_decode_steps_only(tiny, monkeypatch, kernel):
+    """The CPU pass gives a decode step (few queries) qkernels.cpp's attention, or where that is not built
+    few_query_attention's sums, and leaves a prompt's (many queries) to PyTorch's kernel; the swapped step
+    decodes as the eager one does."""
+    if kernel and not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
+    if not kernel:
+        monkeypatch.setattr(G, "cpu_kernels", lambda: 0)
     _, model, _ = tiny
     model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
     seen = []
+    attention_pass = G.few_query_attention_pass()
 
     def backend(gm, example_inputs):  # the pass alone, over Dynamo's graph, without Inductor
-        G.few_query_attention_pass()(gm.graph)
+        attention_pass(gm.graph)
         seen.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
         gm.recompile()
         return gm.forward
@@ -266,8 +281,9 @@ def test_attention_pass_swaps_decode_steps_only(tiny):
         assert run(model, prompt, 8, steps=steps) == eager
         prompt_graph, step_graph = seen
         sdpa = torch._C._nn.scaled_dot_product_attention
-        assert sdpa in prompt_graph and G.few_query_attention not in prompt_graph
-        assert G.few_query_attention in step_graph and sdpa not in step_graph
+        swapped = torch.ops.nimblelm.few_query_attention.default if kernel else G.few_query_attention
+        assert sdpa in prompt_graph and swapped not in prompt_graph
+        assert swapped in step_graph and sdpa not in step_graph
     finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
