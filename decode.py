@@ -69,10 +69,10 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
 
     The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
     few queries becomes qkernels.cpp's or Inductor's own loops (few_query_attention_pass;
-    loop_attention=False keeps PyTorch's kernel); the wrapper, the code that calls a step's kernels and products one after another, is C++
-    (cpp_wrapper), not Python, as a hundred and more calls a step each cost less from C++ (its first
-    compilation takes longer, C++ to build; Inductor's cache keeps it for later processes, though never
-    a frozen step, whichever the wrapper: frozen_settings); and
+    loop_attention=False keeps PyTorch's kernel); the wrapper, the code that calls a step's kernels and
+    products one after another, is C++ (cpp_wrapper), not Python, as a hundred and more calls a step
+    each cost less from C++ (its first compilation takes longer, C++ to build; Inductor's cache keeps it
+    for later processes, though never a frozen step, whichever the wrapper: frozen_settings); and
     the wrapper does not re-check the sizes and strides of the graph's inputs and of every kernel's
     output (size_asserts: our graphs are fixed, and Dynamo still checks the inputs that can change).
     """
@@ -112,7 +112,8 @@ def few_query_attention_pass():
     PyTorch's flash-attention kernel for the CPU costs tens of microseconds a call however little it has
     to do, and a decode step calls it once per layer over a handful of query rows. Where qkernels.cpp is
     built (qlinear.cpu_kernels), its few_query_attention takes the call: its sums are vectorised by hand,
-    and took a third to a half of the time of Inductor's loops below (BENCHMARKS.md). Elsewhere the
+    and a step with it took up to a tenth less time than with Inductor's loops below, more the longer
+    the attended part of the cache (BENCHMARKS.md). Elsewhere the
     same attention written as sums becomes Inductor's loops, fused with the RoPE and cache update before
     it, with no call out of the compiled code. Prompts (many queries, or a symbolic number) keep the
     kernel. The pass has a uuid (this file's and qkernels.cpp's hash, and whether that is built), so
@@ -129,14 +130,16 @@ def few_query_attention_pass():
                 if node.op != "call_function" or node.target is not torch._C._nn.scaled_dot_product_attention:
                     continue
                 args = dict(zip(names, node.args), **node.kwargs)
-                q, k, mask = (getattr(args.get(name), "meta", {}).get("example_value")
-                              for name in ("query", "key", "attn_mask"))
+                q, k, v, mask = (getattr(args.get(name), "meta", {}).get("example_value")
+                                 for name in ("query", "key", "value", "attn_mask"))
                 if (q is None or k is None or not isinstance(q.shape[-2], int) or q.shape[-2] > FEW_QUERIES
                         or k.shape[1] != q.shape[1] or args.get("dropout_p") or args.get("is_causal")):
                     continue
-                if (kernel is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                        and k.dtype == q.dtype and q.shape[-1] % 8 == 0 and k.stride(-1) == 1
-                        and (args.get("attn_mask") is None or (mask is not None and mask.dtype == torch.bool))):
+                if (kernel is not None and v is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                        and k.dtype == v.dtype == q.dtype and k.shape[0] == q.shape[0] and q.shape[-1] % 8 == 0
+                        and k.shape[-1] == v.shape[-1] == q.shape[-1] and k.stride(-1) == v.stride(-1) == 1
+                        and (args.get("attn_mask") is None
+                             or (mask is not None and mask.dtype == torch.bool and mask.dim() == 4))):
                     scale = args.get("scale")
                     node.target = kernel
                     node.args = (args["query"], args["key"], args["value"], args.get("attn_mask"),

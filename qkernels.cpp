@@ -244,8 +244,8 @@ void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* s
 // the same sums for several cycles, so a pass keeps at least about eight sets of sums going: one row two
 // per output, two rows two per output and row, more rows one per output and row. Several rows take two
 // outputs at a time (each row's inputs loaded once for both), whose sums fill twelve of the sixteen vector
-// registers at six rows. Measured on an AVX2 machine (BENCHMARKS.md): a decode step's products took a
-// sixth less time at 2 to 8 rows than one output at a time, and one row as long.
+// registers at six rows. Measured on an AVX2 machine (BENCHMARKS.md): a decode step's products took
+// 15-29% less time at 2 to 8 rows than one output at a time, and one row as long.
 
 constexpr int HALF_MAX_ROWS = 6, HALF_OUTPUTS = 2;
 
@@ -301,9 +301,9 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
 // ---------------------------------------------------------------------------------------------------------
 // Attention of a few query rows (a decode or verify step) over a KV cache: for each batch row, head and
 // query row, the scores of every key, their softmax, and the weighted sum of the values, in float32. Inductor
-// compiles the same sums into loops that ran at a few GFLOP/s (a tenth of a bfloat16 decode step at batch
-// 8: BENCHMARKS.md); here each query row's scores come 8 keys at a time, added across lanes in one pass,
-// and the values' sums stay in registers.
+// compiles the same sums into loops that took about a seventh of a bfloat16 decode step at batch 8
+// (BENCHMARKS.md); here each query row's scores come 8 keys at a time, added across lanes in one pass, and
+// the values' sums stay in registers.
 
 template <typename T>
 inline __m256 load8(const T* p) {
@@ -335,7 +335,7 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// out[d] += sum over keys l of w[l] * v[l][d], for D = 8 * V outputs from d0 on
+// out[j] = sum over keys l of w[l] * v[l * ldv + j], for j < 8 * V
 template <int V, typename T>
 inline void weighted_sum(const float* w, const T* v, int64_t L, int64_t ldv, float* out) {
   __m256 acc[V];
@@ -381,9 +381,10 @@ void attend(const T* q, const T* k, const T* v, int64_t L, int64_t D, int64_t ld
   __m256 total = _mm256_setzero_ps();
   const __m256 top = _mm256_set1_ps(max);
   for (l = 0; l + 8 <= L; l += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + l), top));
+    const __m256 x = _mm256_loadu_ps(scores + l);
     // masked keys (-inf) exactly 0
-    const __m256 e0 = _mm256_and_ps(e, _mm256_cmp_ps(_mm256_loadu_ps(scores + l), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+    const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    const __m256 e0 = _mm256_and_ps(exp8(_mm256_sub_ps(x, top)), kept);
     _mm256_storeu_ps(scores + l, e0);
     total = _mm256_add_ps(total, e0);
   }
@@ -534,7 +535,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 
 // query [B, H, S, D]; key, value [B, H, L, D], each row of D contiguous (a view of the KV cache); attn_mask
-// [B or 1, H or 1, S, L] bool (True attends) or none -> [B, H, S, D], query's dtype. Work is split among
+// bool (True attends), [B, H, S, L] or any of those 1, or none -> [B, H, S, D], query's dtype. Work is split among
 // PyTorch's threads by batch row, head and query row.
 at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const std::optional<at::Tensor>& attn_mask, double scale) {
@@ -543,17 +544,21 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), L = key.size(2);
   TORCH_CHECK(key.sizes() == value.sizes() && key.size(0) == B && key.size(1) == H && key.size(3) == D,
               "key and value: [B, H, L, D] like query's");
-  TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1 && D % 8 == 0, "rows of D contiguous, D a multiple of 8");
+  TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1 && D % 8 == 0,
+              "rows of D contiguous, D a multiple of 8");
   TORCH_CHECK(key.scalar_type() == q.scalar_type() && value.scalar_type() == q.scalar_type(), "one dtype");
   const bool* mask = nullptr;
   int64_t mb = 0, mh = 0, ms = 0, ml = 0;
   if (attn_mask) {
     const at::Tensor& m = *attn_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(2) == S && m.size(3) == L &&
-                    (m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1),
-                "attn_mask: bool [B or 1, H or 1, S, L]");
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4, "attn_mask: bool, 4 dimensions");
+    const int64_t full[4] = {B, H, S, L};
+    int64_t* strides[4] = {&mb, &mh, &ms, &ml};
+    for (int i = 0; i < 4; ++i) {  // each dimension the full size, or 1 (the same for all)
+      TORCH_CHECK(m.size(i) == full[i] || m.size(i) == 1, "attn_mask: [B or 1, H or 1, S or 1, L or 1]");
+      *strides[i] = m.size(i) == 1 ? 0 : m.stride(i);
+    }
     mask = m.data_ptr<bool>();
-    mb = m.size(0) == 1 ? 0 : m.stride(0), mh = m.size(1) == 1 ? 0 : m.stride(1), ms = m.stride(2), ml = m.stride(3);
   }
   at::Tensor out = at::empty_like(q);
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
@@ -562,19 +567,24 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
       buffer.resize(L + D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / (H * S), h = i / S % H, s = i % S;
-        attend(qp + i * D, kp + b * key.stride(0) + h * key.stride(1), vp + b * value.stride(0) + h * value.stride(1),
-               L, D, key.stride(2), value.stride(2), mask ? mask + b * mb + h * mh + s * ms : nullptr, ml,
-               static_cast<float>(scale), op + i * D, buffer.data(), buffer.data() + L);
+        attend(qp + i * D, kp + b * key.stride(0) + h * key.stride(1),
+               vp + b * value.stride(0) + h * value.stride(1), L, D, key.stride(2), value.stride(2),
+               mask ? mask + b * mb + h * mh + s * ms : nullptr, ml, static_cast<float>(scale), op + i * D,
+               buffer.data(), buffer.data() + L);
       }
     });
   };
   switch (q.scalar_type()) {
-    case at::kFloat: run(q.data_ptr<float>(), key.data_ptr<float>(), value.data_ptr<float>(), out.data_ptr<float>()); break;
+    case at::kFloat:
+      run(q.data_ptr<float>(), key.data_ptr<float>(), value.data_ptr<float>(), out.data_ptr<float>());
+      break;
     case at::kBFloat16:
       run(q.data_ptr<at::BFloat16>(), key.data_ptr<at::BFloat16>(), value.data_ptr<at::BFloat16>(),
           out.data_ptr<at::BFloat16>());
       break;
-    case at::kHalf: run(q.data_ptr<at::Half>(), key.data_ptr<at::Half>(), value.data_ptr<at::Half>(), out.data_ptr<at::Half>()); break;
+    case at::kHalf:
+      run(q.data_ptr<at::Half>(), key.data_ptr<at::Half>(), value.data_ptr<at::Half>(), out.data_ptr<at::Half>());
+      break;
     default: TORCH_CHECK(false, "float32, bfloat16 or float16");
   }
   return out;

@@ -246,9 +246,10 @@ def test_few_query_attention_equals_sdpa(dtype):
     for ours in outputs:
         assert ours.dtype == dtype and ours.shape == q.shape
         torch.testing.assert_close(ours.double(), reference, atol=tol, rtol=0)
-    if kernels:  # one row's mask for both rows, given per head (zero strides)
-        ours = torch.ops.nimblelm.few_query_attention(q, k, v, mask[:1].expand(2, 3, 6, 37), 16 ** -0.5)
-        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask[:1])
+    # masks broadcast: one row's for both rows, given per head (zero strides); each row's first query's for all
+    for m in (mask[:1].expand(2, 3, 6, 37), mask[:, :, :1]) if kernels else ():
+        ours = torch.ops.nimblelm.few_query_attention(q, k, v, m, 16 ** -0.5)
+        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m)
         torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
 
 
