@@ -113,9 +113,9 @@ def few_query_attention_pass():
     to do, and a decode step calls it once per layer over a handful of query rows. Where qkernels.cpp is
     built (qlinear.cpu_kernels), its few_query_attention takes the call: its sums are vectorised by hand,
     and a step with it took up to a tenth less time than with Inductor's loops below, more the longer
-    the attended part of the cache (BENCHMARKS.md). Elsewhere the
-    same attention written as sums becomes Inductor's loops, fused with the RoPE and cache update before
-    it, with no call out of the compiled code. Prompts (many queries, or a symbolic number) keep the
+    the attended part of the cache (on an AVX2 machine; not measured with AVX-512: BENCHMARKS.md).
+    Elsewhere the same attention written as sums becomes Inductor's loops, fused with the RoPE and cache
+    update before it, with no call out of the compiled code. Prompts (many queries, or a symbolic number) keep the
     kernel. The pass has a uuid (this file's and qkernels.cpp's hash, and whether that is built), so
     Inductor's caches tell its graphs from those compiled without it or with the other attention. (Made
     here, not at import: importing Inductor takes a second that eager decoding need not pay.)"""
