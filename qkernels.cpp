@@ -88,6 +88,15 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// f(std::integral_constant<int, value>()) for a value from 1 to MAX known only at run time: the kernels take
+// their rows, or vectors, as constants, so that their sums are arrays the compiler keeps in registers
+template <int MAX, typename F>
+inline void as_constant(int64_t value, F&& f) {
+  if constexpr (MAX > 1)
+    if (value < MAX) return as_constant<MAX - 1>(value, f);
+  f(std::integral_constant<int, MAX>());
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Activations: a row of K floats -> K int8 in blocks of 32, each with its scale d and, when sums is given,
 // d * sum(q).
@@ -392,16 +401,9 @@ void attend(const T* q, const T* k, const T* v, int64_t L, int64_t D, int64_t ld
   for (; l < L; ++l) sum += scores[l] = scores[l] == -INFINITY ? 0.f : std::exp(scores[l] - max);
   const float inv = 1.f / sum;
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    switch (std::min<int64_t>(D - d0, 64) / 8) {
-      case 8: weighted_sum<8>(scores, v + d0, L, ldv, sums + d0); break;
-      case 7: weighted_sum<7>(scores, v + d0, L, ldv, sums + d0); break;
-      case 6: weighted_sum<6>(scores, v + d0, L, ldv, sums + d0); break;
-      case 5: weighted_sum<5>(scores, v + d0, L, ldv, sums + d0); break;
-      case 4: weighted_sum<4>(scores, v + d0, L, ldv, sums + d0); break;
-      case 3: weighted_sum<3>(scores, v + d0, L, ldv, sums + d0); break;
-      case 2: weighted_sum<2>(scores, v + d0, L, ldv, sums + d0); break;
-      default: weighted_sum<1>(scores, v + d0, L, ldv, sums + d0);
-    }
+    as_constant<8>(std::min<int64_t>(D - d0, 64) / 8, [&](auto V) {
+      weighted_sum<decltype(V)::value>(scores, v + d0, L, ldv, sums + d0);
+    });
   }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sums[d] * inv);
 }
@@ -411,15 +413,6 @@ void attend(const T* q, const T* k, const T* v, int64_t L, int64_t D, int64_t ld
 // half_linear's two, or one); for each, the activation rows MAX_ROWS at a time (HALF_MAX_ROWS for
 // half_linear).
 
-// output(std::integral_constant<int, R>, n, ...) for the R rows from m on and the outputs from n on, R a
-// constant from 1 to ROWS
-template <int ROWS, typename Output>
-inline void rows_of(int64_t rows, Output& output, int64_t n, int64_t m, float* y, int64_t ldy) {
-  if constexpr (ROWS > 1)
-    if (rows < ROWS) return rows_of<ROWS - 1>(rows, output, n, m, y, ldy);
-  output(std::integral_constant<int, ROWS>(), n, m, y, ldy);
-}
-
 template <int ROWS, int WIDTH = 1, typename Output>
 at::Tensor product(const at::Tensor& x, int64_t N, Output output) {
   const int64_t M = x.size(0);
@@ -428,7 +421,8 @@ at::Tensor product(const at::Tensor& x, int64_t N, Output output) {
   at::parallel_for(0, (N + WIDTH - 1) / WIDTH, std::max(16 / WIDTH, 1), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin * WIDTH; n < std::min(end * WIDTH, N); n += WIDTH)
       for (int64_t m = 0; m < M; m += ROWS)
-        rows_of<ROWS>(std::min<int64_t>(M - m, ROWS), output, n, m, out + m * N + n, N);
+        // output(std::integral_constant<int, R>, n, ...) for the R rows from m on and the outputs from n on
+        as_constant<ROWS>(std::min<int64_t>(M - m, ROWS), [&](auto R) { output(R, n, m, out + m * N + n, N); });
   });
   return y;
 }
