@@ -311,8 +311,10 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
 // Attention of a few query rows (a decode or verify step) over a KV cache: for each batch row, head and
 // query row, the scores of every key, their softmax, and the weighted sum of the values, in float32. Inductor
 // compiles the same sums into loops that took about a seventh of a bfloat16 decode step at batch 8
-// (BENCHMARKS.md); here each query row's scores come 8 keys at a time, added across lanes in one pass, and
-// the values' sums stay in registers.
+// (BENCHMARKS.md); here the scores come several keys at a time, added across lanes in one pass, and the
+// values' sums stay in registers. Query rows that share a head go up to ATTEND_ROWS at a time, so that each
+// key and value is read and converted once for all of them: a decode step's three query heads per
+// key/value head (model.py stacks them as rows), a verify step's rows.
 
 template <typename T>
 inline __m256 load8(const T* p) {
@@ -320,6 +322,24 @@ inline __m256 load8(const T* p) {
     return _mm256_loadu_ps(p);
   else
     return load_weights8(p);
+}
+
+// v's 8 floats into p as T, rounded to nearest even as PyTorch's conversions round (NaN stays NaN)
+template <typename T>
+inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(p, v);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // 8 int32 of 16 bits each -> 8 uint16 (packing works within 128-bit lanes: the low lane's four come first)
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
 }
 
 // e^x in each lane (x <= 0 here, after the maximum is taken away): 2^n * e^r, r = x - n ln 2 in
@@ -344,68 +364,133 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// out[j] = sum over keys l of w[l] * v[l * ldv + j], for j < 8 * V
-template <int V, typename T>
-inline void weighted_sum(const float* w, const T* v, int64_t L, int64_t ldv, float* out) {
-  __m256 acc[V];
-  for (int j = 0; j < V; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t l = 0; l < L; ++l) {
-    if (w[l] == 0.f) continue;  // masked keys (never read: a slot past the text may hold anything)
-    const __m256 wl = _mm256_set1_ps(w[l]);
-    for (int j = 0; j < V; ++j) acc[j] = _mm256_fmadd_ps(wl, load8(v + l * ldv + 8 * j), acc[j]);
-  }
-  for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+// 4 vectors -> their 4 sums, in order
+inline __m128 hsum4(const __m256* a) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
-// one query row q [D] over keys k, values v [L, D] (rows ldk, ldv apart), mask [L] (or null) -> out [D]
-template <typename T>
-void attend(const T* q, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
-            const bool* mask, int64_t mask_step, float scale, T* out, float* scores, float* qf) {
-  for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q[d]) * scale;
-  float max = -INFINITY;
-  int64_t l = 0;
-  for (; l + 8 <= L; l += 8) {
-    __m256 acc[8];
-    for (int j = 0; j < 8; ++j) {
-      acc[j] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8)
-        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(k + (l + j) * ldk + d), acc[j]);
+// Sets of sums: scores for R rows of KEYS keys, value sums for R rows of V vectors: at most twelve, so that
+// they, the row's weights and one vector of values fit the sixteen vector registers (one more spilled a sum
+// to memory in the values' loop, which then ran at the speed of storing and reloading it), and at least
+// eight, so that enough multiply-adds are in flight.
+constexpr int ATTEND_ROWS = 3;
+
+// out[r][j] = sum over keys l of w[r][l] * v[l * ldv + j], for j < 8 * V; w's rows ldw apart
+template <int R, int V, typename T>
+inline void weighted_sum(const float* w, int64_t ldw, const T* v, int64_t L, int64_t ldv, float* out, int64_t ldo) {
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    // keys masked for every row are never read (a slot past the text may hold anything); tested on the
+    // weights' bits, in general registers: the vector ones all hold sums
+    uint32_t any = 0;
+    for (int r = 0; r < R; ++r) {
+      uint32_t bits;
+      std::memcpy(&bits, w + r * ldw + l, 4);
+      any |= bits << 1;  // 0 for 0.f and -0.f
     }
-    _mm256_storeu_ps(scores + l, hsum8(acc));
+    if (!any) continue;
+    __m256 wl[R];
+    for (int r = 0; r < R; ++r) wl[r] = _mm256_set1_ps(w[r * ldw + l]);
+    for (int j = 0; j < V; ++j) {  // one vector of values at a time: with R * V sums, the registers run out
+      const __m256 vj = load8(v + l * ldv + 8 * j);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wl[r], vj, acc[r][j]);
+    }
   }
-  for (; l < L; ++l) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(k + l * ldk + d), acc);
-    scores[l] = hsum(acc);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + r * ldo + 8 * j, acc[r][j]);
+}
+
+// R query rows q [R, D] (rows ldq apart) over keys k, values v [L, D] (rows ldk, ldv apart), row r's mask
+// at masks[r] (or none; L entries mask_step apart) -> out [R, D] (rows ldq apart). scores: R * L floats;
+// qf: R * D.
+template <int R, typename T>
+void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
+            const bool* const* masks, int64_t mask_step, float scale, T* out, float* scores, float* qf) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, _mm256_mul_ps(load8(q + r * ldq + d), scale8));
+  constexpr int KEYS = R == 1 ? 8 : 4;
+  int64_t l = 0;
+  for (; l + KEYS <= L; l += KEYS) {
+    __m256 acc[R][KEYS];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < KEYS; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      for (int j = 0; j < KEYS; ++j) {
+        const __m256 kv = load8(k + (l + j) * ldk + d);
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), kv, acc[r][j]);
+      }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (KEYS == 8)
+        _mm256_storeu_ps(scores + r * L + l, hsum8(acc[r]));
+      else
+        _mm_storeu_ps(scores + r * L + l, hsum4(acc[r]));
+    }
   }
-  for (l = 0; l < L; ++l) {
-    if (mask && !mask[l * mask_step]) scores[l] = -INFINITY;
-    max = std::max(max, scores[l]);
+  for (; l < L; ++l)
+    for (int r = 0; r < R; ++r) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), load8(k + l * ldk + d), acc);
+      scores[r * L + l] = hsum(acc);
+    }
+  // each row's softmax; rows with nothing to attend to come out 0
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    float* s = scores + r * L;
+    const bool* mask = masks ? masks[r] : nullptr;
+    __m256 max8 = _mm256_set1_ps(-INFINITY);
+    l = 0;
+    if (!mask || mask_step == 1)  // 8 keys at a time: their mask's 8 bytes
+      for (; l + 8 <= L; l += 8) {
+        __m256 x = _mm256_loadu_ps(s + l);
+        if (mask) {
+          int64_t bytes;
+          std::memcpy(&bytes, mask + l, 8);
+          const __m256i flags = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+          const __m256i off = _mm256_cmpeq_epi32(flags, _mm256_setzero_si256());
+          x = _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(off));
+          _mm256_storeu_ps(s + l, x);
+        }
+        max8 = _mm256_max_ps(max8, x);
+      }
+    float max = hmax(max8);
+    for (; l < L; ++l) {
+      if (mask && !mask[l * mask_step]) s[l] = -INFINITY;
+      max = std::max(max, s[l]);
+    }
+    if (max == -INFINITY) {
+      std::fill(s, s + L, 0.f);
+      inv[r] = 0.f;
+      continue;
+    }
+    __m256 total = _mm256_setzero_ps();
+    const __m256 top = _mm256_set1_ps(max);
+    for (l = 0; l + 8 <= L; l += 8) {
+      const __m256 x = _mm256_loadu_ps(s + l);
+      // masked keys (-inf) exactly 0
+      const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, top)), kept);
+      _mm256_storeu_ps(s + l, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum(total);
+    for (; l < L; ++l) sum += s[l] = s[l] == -INFINITY ? 0.f : std::exp(s[l] - max);
+    inv[r] = 1.f / sum;
   }
   float* sums = qf;  // q's floats are no longer needed: they become the output's
-  if (max == -INFINITY) {  // nothing to attend to
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(0.f);
-    return;
-  }
-  __m256 total = _mm256_setzero_ps();
-  const __m256 top = _mm256_set1_ps(max);
-  for (l = 0; l + 8 <= L; l += 8) {
-    const __m256 x = _mm256_loadu_ps(scores + l);
-    // masked keys (-inf) exactly 0
-    const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m256 e0 = _mm256_and_ps(exp8(_mm256_sub_ps(x, top)), kept);
-    _mm256_storeu_ps(scores + l, e0);
-    total = _mm256_add_ps(total, e0);
-  }
-  float sum = hsum(total);
-  for (; l < L; ++l) sum += scores[l] = scores[l] == -INFINITY ? 0.f : std::exp(scores[l] - max);
-  const float inv = 1.f / sum;
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    as_constant<8>(std::min<int64_t>(D - d0, 64) / 8, [&](auto V) {
-      weighted_sum<decltype(V)::value>(scores, v + d0, L, ldv, sums + d0);
+  constexpr int V = std::min(8, 12 / R);
+  for (int64_t d0 = 0; d0 < D; d0 += 8 * V) {
+    as_constant<V>(std::min<int64_t>(D - d0, 8 * V) / 8, [&](auto W) {
+      weighted_sum<R, decltype(W)::value>(scores, L, v + d0, L, ldv, sums + d0, D);
     });
   }
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sums[d] * inv);
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 8)
+      store8(out + r * ldq + d, _mm256_mul_ps(_mm256_loadu_ps(sums + r * D + d), _mm256_set1_ps(inv[r])));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -530,7 +615,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 // query [B, H, S, D]; key, value [B, H, L, D], each row of D contiguous (a view of the KV cache); attn_mask
 // bool (True attends), [B, H, S, L] or any of those 1, or none -> [B, H, S, D], query's dtype. Work is split among
-// PyTorch's threads by batch row, head and query row.
+// PyTorch's threads by batch row, head and ATTEND_ROWS query rows.
 at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const std::optional<at::Tensor>& attn_mask, double scale) {
   const at::Tensor q = query.contiguous();
@@ -555,16 +640,24 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
     mask = m.data_ptr<bool>();
   }
   at::Tensor out = at::empty_like(q);
+  // units of work: a batch row, a head and up to ATTEND_ROWS of its query rows (with grouped-query attention,
+  // the query heads that share this key/value head: model.py stacks them as rows)
+  const int64_t chunks = (S + ATTEND_ROWS - 1) / ATTEND_ROWS;
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    at::parallel_for(0, B * H * S, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> buffer;  // the scores, and the query row's then the output's floats
-      buffer.resize(L + D);
+    at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> buffer;  // the scores, and the query rows' then the outputs' floats
+      buffer.resize(ATTEND_ROWS * (L + D));
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / (H * S), h = i / S % H, s = i % S;
-        attend(qp + i * D, kp + b * key.stride(0) + h * key.stride(1),
-               vp + b * value.stride(0) + h * value.stride(1), L, D, key.stride(2), value.stride(2),
-               mask ? mask + b * mb + h * mh + s * ms : nullptr, ml, static_cast<float>(scale), op + i * D,
-               buffer.data(), buffer.data() + L);
+        const int64_t b = i / (H * chunks), h = i / chunks % H, s = i % chunks * ATTEND_ROWS;
+        const int64_t rows = std::min<int64_t>(S - s, ATTEND_ROWS), first = (b * H + h) * S + s;
+        const bool* row_masks[ATTEND_ROWS];
+        for (int64_t r = 0; r < rows && mask; ++r) row_masks[r] = mask + b * mb + h * mh + (s + r) * ms;
+        as_constant<ATTEND_ROWS>(rows, [&](auto R) {
+          attend<decltype(R)::value>(qp + first * D, D, kp + b * key.stride(0) + h * key.stride(1),
+                                     vp + b * value.stride(0) + h * value.stride(1), L, D, key.stride(2),
+                                     value.stride(2), mask ? row_masks : nullptr, ml, static_cast<float>(scale),
+                                     op + first * D, buffer.data(), buffer.data() + ATTEND_ROWS * L);
+        });
       }
     });
   };

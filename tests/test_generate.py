@@ -230,10 +230,11 @@ def test_few_query_attention_equals_sdpa(dtype):
     against PyTorch's kernel, all against float64: K/V read as a slice of a longer cache (rows wider than
     a head), a causal bool mask per row (and, for the sums, the additive form), keys not a multiple of 8."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, 6, 16, generator=g).to(dtype)  # (B, H, S, D): 2 rows, 3 heads, 6 query rows
+    # (B, H, S, D): 2 rows, 3 heads, 7 query rows (the kernel takes them 3 at a time: 3, 3 and 1)
+    q = torch.randn(2, 3, 7, 16, generator=g).to(dtype)
     cache = torch.randn(2, 3, 64, 32, generator=g).to(dtype)
     k, v = cache[:, :, :37, :16], cache[:, :, :37, 16:]
-    pos = torch.tensor([30, 5])[:, None] + torch.arange(6)  # each row's query positions, (B, S)
+    pos = torch.tensor([30, 5])[:, None] + torch.arange(7)  # each row's query positions, (B, S)
     mask = (torch.arange(37) <= pos[:, :, None]).unsqueeze(1)  # (B, 1, S, L)
     additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
@@ -247,7 +248,7 @@ def test_few_query_attention_equals_sdpa(dtype):
         assert ours.dtype == dtype and ours.shape == q.shape
         torch.testing.assert_close(ours.double(), reference, atol=tol, rtol=0)
     # masks broadcast: one row's for both rows, given per head (zero strides); each row's first query's for all
-    for m in (mask[:1].expand(2, 3, 6, 37), mask[:, :, :1]) if kernels else ():
+    for m in (mask[:1].expand(2, 3, 7, 37), mask[:, :, :1]) if kernels else ():
         ours = torch.ops.nimblelm.few_query_attention(q, k, v, m, 16 ** -0.5)
         expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m)
         torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
