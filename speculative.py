@@ -29,18 +29,20 @@ from errors import UsageError
 from sampling import SamplingParams, probabilities, sample_from
 
 
-def logits_of(model, tokens, input_pos, kv_len):
+def logits_of(model, tokens, input_pos, kv_len, greedy: bool = False, last_only: bool = False):
     """tokens [1, n] at cache positions input_pos [n] -> float logits [n, vocab], attending to the first
-    kv_len cache slots."""
-    return model(tokens, input_pos, None, kv_len)[0].float()
+    kv_len cache slots. greedy: each row's argmax token [n] instead, which a compiled step computes in its
+    last kernel rather than in a pass over the logits after it. last_only: the last position's alone."""
+    logits = model(tokens, input_pos, None, kv_len, last_only=last_only)[0]
+    return logits.argmax(-1) if greedy else logits.float()
 
 
-def logits_at(step, model, tokens: list, pos: int):
+def logits_at(step, model, tokens: list, pos: int, greedy: bool = False, last_only: bool = False):
     """step (logits_of or a compiled copy) for the tokens at cache positions pos, pos + 1, ..."""
     device = model.norm.weight.device
     end = pos + len(tokens)
     return step(model, torch.tensor([tokens], device=device), torch.arange(pos, end, device=device),
-                attended_length(model, end))
+                attended_length(model, end), greedy, last_only)
 
 
 class SpeculativeSteps(Steps):
@@ -48,7 +50,7 @@ class SpeculativeSteps(Steps):
     no match), the target's verify step (k + 1 tokens) and the draft model's steps (one token; two when
     it catches up). Each compiles as static graphs, none recompiling per step: they share the frame of
     logits_of, so they are compiled with dynamic=False, else the first change of token count would make
-    that count symbolic.
+    that count symbolic. Greedy rounds get a graph that returns tokens, not logits (logits_of's greedy).
 
     On the CPU the verify step of a float target freezes its weights (frozen_settings: its products have
     several rows, which oneDNN multiplies by weights packed once instead of reordering them on every
@@ -156,28 +158,28 @@ def speculative_generate(target, prompt: list, params: SamplingParams = Sampling
                 proposal, q, tok = [], [], x
                 for i in range(k):
                     fed = unread + [tok] if i == 0 else [tok]
-                    d_logits = logits_at(steps.draft, draft, fed, pos + i + 1 - len(fed))[-1:]
+                    d_out = logits_at(steps.draft, draft, fed, pos + i + 1 - len(fed), greedy, last_only=True)
                     if greedy:
-                        tok = int(d_logits.argmax(-1))
+                        tok = int(d_out[0])
                     else:
-                        q.append(dist(d_logits)[0])
+                        q.append(dist(d_out)[0])
                         tok = int(sample_from(q[-1][None]))
                     proposal.append(tok)
             # 2. verify: always k + 1 tokens, so the compiled step has one shape (unused tail ignored)
             n = len(proposal)
             padded = [x] + proposal + [proposal[-1]] * (k - n)
-            p_logits = logits_at(steps.verify, target, padded, pos)
+            verified = logits_at(steps.verify, target, padded, pos, greedy)  # greedy: the target's tokens
             stats["target_steps"] += 1
             stats["proposed"] += n
             # 3. accept
             if greedy:
-                best = p_logits.argmax(-1).tolist()
+                best = verified.tolist()
                 accepted = 0
                 while accepted < n and proposal[accepted] == best[accepted]:
                     accepted += 1
                 nxt = best[accepted]
             else:
-                accepted, nxt = accept_sampled(dist(p_logits)[:n + 1], None if q is None else torch.stack(q), proposal)
+                accepted, nxt = accept_sampled(dist(verified)[:n + 1], None if q is None else torch.stack(q), proposal)
             stats["accepted"] += accepted
             # When all k are kept, the draft has not read its own last proposal yet: it reads it together
             # with the next round's first token (one draft step of two tokens instead of two steps).
