@@ -375,6 +375,9 @@ inline __m128 hsum4(const __m256* a) {
 // to memory in the values' loop, which then ran at the speed of storing and reloading it), and at least
 // eight, so that enough multiply-adds are in flight.
 constexpr int ATTEND_ROWS = 3;
+// keys ahead to prefetch: 8, 16 and 32 within a few percent of each other, a fifth to a quarter off a decode
+// step's attention (BENCHMARKS.md)
+constexpr int ATTEND_AHEAD = 8;
 
 // out[r][j] = sum over keys l of w[r][l] * v[l * ldv + j], for j < 8 * V; w's rows ldw apart
 template <int R, int V, typename T>
@@ -413,8 +416,20 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
   for (int r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, _mm256_mul_ps(load8(q + r * ldq + d), scale8));
   constexpr int KEYS = R == 1 ? 8 : 4;
+  // The cache's rows come from memory (a step's weights have passed through the caches since this layer's
+  // last step): the first ATTEND_AHEAD keys now, then keys that far ahead and the values of the keys being
+  // scored, which the weighted sums read next
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  auto prefetch_row = [&](const T* row) {
+    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+  };
+  for (int64_t j = 0; j < std::min<int64_t>(ATTEND_AHEAD, L); ++j) prefetch_row(k + j * ldk);
   int64_t l = 0;
   for (; l + KEYS <= L; l += KEYS) {
+    for (int j = 0; j < KEYS; ++j) {
+      prefetch_row(k + (l + j + ATTEND_AHEAD) * ldk);
+      prefetch_row(v + (l + j) * ldv);
+    }
     __m256 acc[R][KEYS];
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < KEYS; ++j) acc[r][j] = _mm256_setzero_ps();
