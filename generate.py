@@ -59,7 +59,7 @@ class Options:
     profile: Optional[str] = None            # a profiler trace of the first sample, to this path
     draft: Optional[str] = None              # "ngram": speculative decoding by prompt lookup
     draft_checkpoint: Optional[str] = None   # speculative decoding with this draft model
-    speculate_k: int = 4                     # tokens proposed per speculative round
+    speculate_k: int = 3                     # tokens per speculative round (3 beat 4 on an AVX2 CPU: BENCHMARKS.md)
     beam: Optional[BeamParams] = None        # beam search instead of sampling (--num-beams)
     pp: int = 1                              # pipeline stages (under torchrun); the rest is tensor-parallel
     micro_batches: Optional[int] = None      # micro-batches of a pipeline; None: min(prompts, stages)
@@ -140,7 +140,7 @@ def parse_args(argv) -> Options:
     p.add_argument("--profile", help="write a PyTorch profiler trace of the first sample to this path")
     p.add_argument("--draft-checkpoint", help="speculative decoding with this draft model (same tokenizer)")
     p.add_argument("--draft", choices=["ngram"], help="speculative decoding with prompt lookup, no draft model")
-    p.add_argument("--speculate-k", type=int, default=4, help="tokens proposed per speculative round")
+    p.add_argument("--speculate-k", type=int, default=3, help="tokens proposed per speculative round")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages under torchrun (the rest of the world is "
                                                      "tensor-parallel)")
     p.add_argument("--micro-batches", type=int, help="micro-batches of the pipeline (default: min(prompts, --pp))")

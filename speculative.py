@@ -1,7 +1,7 @@
 """Speculative decoding: a cheap draft proposes k tokens, the target checks them all in one forward pass
 and keeps the longest accepted prefix plus one token of its own.
 
-    python generate.py --checkpoint DIR --draft-checkpoint DIR-int4 --speculate-k 4 --prompt "..."
+    python generate.py --checkpoint DIR --draft-checkpoint DIR-int4 --speculate-k 3 --prompt "..."
     python generate.py --checkpoint DIR --draft ngram --speculate-k 8 --chat --prompt "Repeat: ..."
 
 Drafts: another checkpoint with the same tokenizer (a quantized copy of the target works well), or
