@@ -258,13 +258,18 @@ void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* s
 
 constexpr int HALF_MAX_ROWS = 6, HALF_OUTPUTS = 2;
 
-template <typename W>
-inline __m256 load_weights8(const W* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (std::is_same_v<W, at::BFloat16>)
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // the float's top half
-  else
-    return _mm256_cvtph_ps(h);
+// 8 numbers from p as floats: float32, bfloat16 or float16 (the weights here, the KV cache in the attention)
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // the float's top half
+    else
+      return _mm256_cvtph_ps(h);
+  }
 }
 
 // w: the first of O weight rows, which lie one after another in memory
@@ -277,7 +282,7 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
       for (int r = 0; r < R; ++r) acc[u][o][r] = _mm256_setzero_ps();
   auto step = [&](int64_t k, int u) {
     __m256 wv[O];
-    for (int o = 0; o < O; ++o) wv[o] = load_weights8(w + o * K + k);
+    for (int o = 0; o < O; ++o) wv[o] = load8(w + o * K + k);
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(x + r * K + k);
       // in a register, read once for all O outputs (else the compiler reads it again for each)
@@ -315,14 +320,6 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
 // values' sums stay in registers. Query rows that share a head go up to ATTEND_ROWS at a time, so that each
 // key and value is read and converted once for all of them: a decode step's three query heads per
 // key/value head (model.py stacks them as rows), a verify step's rows.
-
-template <typename T>
-inline __m256 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>)
-    return _mm256_loadu_ps(p);
-  else
-    return load_weights8(p);
-}
 
 // v's 8 floats into p as T, rounded to nearest even as PyTorch's conversions round (NaN stays NaN)
 template <typename T>
