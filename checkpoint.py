@@ -212,6 +212,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
         return resident_layers is None or not name.startswith("layers.") or int(name.split(".")[1]) < resident_layers
 
     expected = {k: v for k, v in model.state_dict().items() if wanted(k)}
+    float32 = qlinear.float32_names(model)
     state = {}
     try:
         with safe_open(weights_path, framework="pt") if layout.tp > 1 else WeightsFile(weights_path) as f:
@@ -224,7 +225,8 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
                 if t.shape != meta.shape:
                     raise UsageError(f"{weights_path}: tensor {stored} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(meta.shape)}")
-                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                t = t.to(device=device, dtype=(torch.float32 if name in float32 else dtype) if t.is_floating_point()
+                         else t.dtype)
                 # A slice of the memory-mapped file (tensor parallelism) can start at any byte; some CPU
                 # kernels (int8 weight-only matmul) use aligned vector loads and crash on it.
                 state[name] = t.clone() if t.data_ptr() % 64 else t

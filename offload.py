@@ -173,7 +173,7 @@ class MappedFile:
 
 def tensors_of(module: nn.Module) -> dict:
     """A block's weights by name: parameters and buffers, but not its KV cache."""
-    # every name, also one that shares its tensor with another (int4's kernel scales are its scales in bfloat16)
+    # every name, also one that shares its tensor with another
     named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
     return {name: t for name, t in named if t is not None and ".kv_cache." not in f".{name}"}
 
@@ -267,10 +267,10 @@ class CopiedLayers(Buffers):
 
 class PinnedLayers(Buffers):
     """A GPU: the streamed layers' tensors read into pinned CPU memory (which a GPU copies from
-    asynchronously), floating-point ones in the model's dtype, so that only the bytes the device uses
-    cross the bus; each copied into a buffer on the copier's stream."""
+    asynchronously), floating-point ones in the dtypes they run in (dtypes, by name), so that only the
+    bytes the device uses cross the bus; each copied into a buffer on the copier's stream."""
 
-    def __init__(self, weights_path: str, blocks: list, names: list, buffers: list, dtype: torch.dtype):
+    def __init__(self, weights_path: str, blocks: list, names: list, buffers: list, dtypes: dict):
         super().__init__(blocks, buffers)
         self.tensors = []
         with WeightsFile(weights_path) as f:
@@ -278,7 +278,7 @@ class PinnedLayers(Buffers):
                 self.tensors.append({})
                 for name, full in layer.items():
                     t = f.get_tensor(full)
-                    self.tensors[-1][name] = (t.to(dtype) if t.is_floating_point() else t).pin_memory()
+                    self.tensors[-1][name] = (t.to(dtypes[name]) if t.is_floating_point() else t).pin_memory()
 
     def fill(self, slot: int, j: int):
         tensors = self.buffer_tensors[slot]
@@ -351,7 +351,8 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
         raise UsageError(f"offloading runs on cuda or cpu, not {device.type}")
     args, quantization = read_config(checkpoint_dir)
     weights_path = f"{checkpoint_dir}/model.safetensors"
-    template = build_on_meta(replace(args, n_layers=1), quantization).layers[0].to(dtype)  # floats as load_model's
+    # the floats in dtype (the quantized layers' scales in float32), as load_model's
+    template = qlinear.cast_floats(build_on_meta(replace(args, n_layers=1), quantization).layers[0], dtype)
     kinds = tensors_of(template)
     stored = list(template.state_dict())  # the tensors a layer has in the file
 
@@ -392,7 +393,8 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
         else:
             buffers += [new_buffer() for _ in range(slots - 1)]
             if device.type == "cuda":
-                source, copier = PinnedLayers(weights_path, blocks, layer_names, buffers, dtype), StreamCopier(device)
+                dtypes = {n: kinds[n].dtype for n in stored}
+                source, copier = PinnedLayers(weights_path, blocks, layer_names, buffers, dtypes), StreamCopier(device)
             else:
                 source, copier = CopiedLayers(mapped, blocks, layer_names, buffers), ThreadCopier()
     except FileNotFoundError:

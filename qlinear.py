@@ -69,6 +69,8 @@ CUDA_INT4_FUSED_MAX_ROWS = 64
 
 
 class Int8Linear(nn.Module):
+    FLOAT32 = ("scales",)  # kept in float32 whatever the model's dtype (float32_names)
+
     def __init__(self, in_features, out_features, bias=False, device=None, int8_activations=True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -168,6 +170,8 @@ def packed_int_mm(q, weight, unit_scales, zero_points):
 
 
 class Int4Linear(nn.Module):
+    FLOAT32 = ("scales_and_zeros",)  # kept in float32 whatever the model's dtype (float32_names)
+
     def __init__(self, in_features, out_features, bias=False, groupsize=32, device=None):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
@@ -360,6 +364,25 @@ def replace_linears(model: nn.Module, quantization: dict):
                     new = Int4Linear(child.in_features, child.out_features, child.bias is not None, groupsize,
                                      device="meta")
                 setattr(module, child_name, new)
+
+
+def float32_names(model: nn.Module) -> set:
+    """The state_dict names of the quantized layers' scales (int4's with their zero points), which load in
+    float32, as quantize.py writes them, whatever dtype the model runs in (load_model; offload.py's layers
+    through cast_floats). Rounded to bfloat16 they moved each output channel's weights by up to 0.4% (int4's
+    were then rounded again, to the kernel's float16), and a compiled int8 step converted them back to the
+    kernels' float32 at every step."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules()
+            for name in getattr(m, "FLOAT32", ())}
+
+
+def cast_floats(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """module.to(dtype), in place, but with the quantized layers' scales in float32 (float32_names)."""
+    module.to(dtype)
+    for m in module.modules():
+        for name in getattr(m, "FLOAT32", ()):
+            setattr(m, name, getattr(m, name).float())
+    return module
 
 
 @functools.cache
