@@ -181,7 +181,10 @@ class Attention(nn.Module):
         # head are stacked along the sequence axis, so each K/V head is read once, as it is stored.
         n_rep = self.n_heads // self.n_kv_heads
         q = q.reshape(B, self.n_kv_heads, n_rep * S, self.head_dim)
-        if n_rep > 1:
+        # Row r is query position r % S. One position (a decode step) has one mask row, which broadcasts
+        # over the stacked heads: a copy of it in every layer took a compiled decode step several percent
+        # of its time (BENCHMARKS.md).
+        if n_rep > 1 and S > 1:
             mask = mask.repeat(1, 1, n_rep, 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.reshape(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, q_size)
