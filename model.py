@@ -166,7 +166,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_index) -> Tensor:
         """cache_index says where the new K/V go and what to attend to: (input_pos [S], first row) for a
-        KVCache, (write slots [B, S], read slots [B, L]) for a PagedKVCache."""
+        KVCache, (write slots [B, S], read slots [B, L]) for a PagedKVCache. mask [B or 1, 1, n_rep * S or 1,
+        L]: one row for each of the stacked query rows below (row r: position r % S), or one for all."""
         B, S, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -181,11 +182,7 @@ class Attention(nn.Module):
         # head are stacked along the sequence axis, so each K/V head is read once, as it is stored.
         n_rep = self.n_heads // self.n_kv_heads
         q = q.reshape(B, self.n_kv_heads, n_rep * S, self.head_dim)
-        # Row r is query position r % S. One position (a decode step) has one mask row, which broadcasts
-        # over the stacked heads: a copy of it in every layer took a compiled decode step several percent
-        # of its time (BENCHMARKS.md).
-        if n_rep > 1 and S > 1:
-            mask = mask.repeat(1, 1, n_rep, 1)
+        # (mask: already for these rows, Transformer.layers_forward)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.reshape(B, self.n_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, q_size)
         return self.wo(y)
@@ -310,6 +307,12 @@ class Transformer(nn.Module):
     def layers_forward(self, tokens, positions, mask, cache_index) -> Tensor:
         """Embedding and every block: tokens [B, S] (or hidden states [B, S, dim]) at positions [B, S], mask
         [B or 1, 1, S, L] -> [B, S, dim]."""
+        # Attention stacks the query heads that share a key/value head as rows: their mask is made here,
+        # once, not in every layer (in a compiled step each layer's copy cost several percent of its time:
+        # BENCHMARKS.md). One position's mask row serves all of them as it is.
+        n_rep = self.args.n_heads // self.args.n_kv_heads
+        if n_rep > 1 and mask.shape[2] > 1:
+            mask = mask.repeat(1, 1, n_rep, 1)
         cos = self.rope_cos[positions].unsqueeze(2)
         sin = self.rope_sin[positions].unsqueeze(2)
         x = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
