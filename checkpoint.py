@@ -193,7 +193,8 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
     layer_weights = (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
                      + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.intermediate_size)
     layers = layout.stage_layers(args.n_layers, head_cost=args.vocab_size * args.dim / layer_weights)
-    model = build_on_meta(replace(local, n_layers=len(layers)), quantization)
+    # each tensor loads in its meta tensor's dtype: dtype, and float32 for the quantized layers' scales
+    model = qlinear.cast_floats(build_on_meta(replace(local, n_layers=len(layers)), quantization), dtype)
     if not layout.first:
         model.tok_embeddings = None
     if not layout.last:
@@ -212,7 +213,6 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
         return resident_layers is None or not name.startswith("layers.") or int(name.split(".")[1]) < resident_layers
 
     expected = {k: v for k, v in model.state_dict().items() if wanted(k)}
-    float32 = qlinear.float32_names(model)
     state = {}
     try:
         with safe_open(weights_path, framework="pt") if layout.tp > 1 else WeightsFile(weights_path) as f:
@@ -225,8 +225,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
                 if t.shape != meta.shape:
                     raise UsageError(f"{weights_path}: tensor {stored} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(meta.shape)}")
-                t = t.to(device=device, dtype=(torch.float32 if name in float32 else dtype) if t.is_floating_point()
-                         else t.dtype)
+                t = t.to(device=device, dtype=meta.dtype if t.is_floating_point() else t.dtype)
                 # A slice of the memory-mapped file (tensor parallelism) can start at any byte; some CPU
                 # kernels (int8 weight-only matmul) use aligned vector loads and crash on it.
                 state[name] = t.clone() if t.data_ptr() % 64 else t

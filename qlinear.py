@@ -69,7 +69,7 @@ CUDA_INT4_FUSED_MAX_ROWS = 64
 
 
 class Int8Linear(nn.Module):
-    FLOAT32 = ("scales",)  # kept in float32 whatever the model's dtype (float32_names)
+    FLOAT32 = ("scales",)  # kept in float32 whatever the model's dtype (cast_floats)
 
     def __init__(self, in_features, out_features, bias=False, device=None, int8_activations=True):
         super().__init__()
@@ -170,7 +170,7 @@ def packed_int_mm(q, weight, unit_scales, zero_points):
 
 
 class Int4Linear(nn.Module):
-    FLOAT32 = ("scales_and_zeros",)  # kept in float32 whatever the model's dtype (float32_names)
+    FLOAT32 = ("scales_and_zeros",)  # kept in float32 whatever the model's dtype (cast_floats)
 
     def __init__(self, in_features, out_features, bias=False, groupsize=32, device=None):
         super().__init__()
@@ -366,18 +366,12 @@ def replace_linears(model: nn.Module, quantization: dict):
                 setattr(module, child_name, new)
 
 
-def float32_names(model: nn.Module) -> set:
-    """The state_dict names of the quantized layers' scales (int4's with their zero points), which load in
-    float32, as quantize.py writes them, whatever dtype the model runs in (load_model; offload.py's layers
-    through cast_floats). Rounded to bfloat16 they moved each output channel's weights by up to 0.4% (int4's
-    were then rounded again, to the kernel's float16), and a compiled int8 step converted them back to the
-    kernels' float32 at every step."""
-    return {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules()
-            for name in getattr(m, "FLOAT32", ())}
-
-
 def cast_floats(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """module.to(dtype), in place, but with the quantized layers' scales in float32 (float32_names)."""
+    """module.to(dtype), in place, but with the quantized layers' scales (int4's with their zero points) in
+    float32, as quantize.py writes them: the dtypes load_model and offload.py's streamed layers load them in.
+    Rounded to bfloat16 they moved each output channel's weights by up to 0.4% (int4's were then rounded
+    again, to the kernel's float16), and a compiled int8 step converted them back to the kernels' float32
+    at every step."""
     module.to(dtype)
     for m in module.modules():
         for name in getattr(m, "FLOAT32", ()):
