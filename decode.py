@@ -226,7 +226,11 @@ class CompiledStep:
                                       **self.kwargs)
             self.caches = caches
         from torch._dynamo import config as dynamo_config
-        with dynamo_config.patch(install_free_tensors=True):  # read as Dynamo traces
+        # install_free_tensors is read as Dynamo traces, which may happen in any call: it is set around each
+        # one, by hand, as ConfigModule.patch costs about 20 us a call (BENCHMARKS.md)
+        saved = dynamo_config.install_free_tensors
+        dynamo_config.install_free_tensors = True
+        try:
             if self.frozen is None:
                 return self.step(*args)
             from torch._inductor import config
@@ -237,6 +241,8 @@ class CompiledStep:
             with config.patch(self.frozen), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")
                 return self.step(*args)
+        finally:
+            dynamo_config.install_free_tensors = saved
 
     def release(self):
         """Drop the compiled graphs, and the tensors they hold. (The names stay: Dynamo deletes those it
