@@ -372,10 +372,10 @@ def cast_floats(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     Rounded to bfloat16 they moved each output channel's weights by up to 0.4% (int4's were then rounded
     again, to the kernel's float16), and a compiled int8 step converted them back to the kernels' float32
     at every step."""
+    kept = [(m, name, getattr(m, name)) for m in module.modules() for name in getattr(m, "FLOAT32", ())]
     module.to(dtype)
-    for m in module.modules():
-        for name in getattr(m, "FLOAT32", ()):
-            setattr(m, name, getattr(m, name).float())
+    for m, name, t in kept:  # from the tensors as they were: not rounded to dtype on the way
+        setattr(m, name, t.float())
     return module
 
 

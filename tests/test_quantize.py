@@ -300,3 +300,16 @@ def test_int4_repacking_equals_pytorchs_converter(rows):
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qlinear.unpack_int4(packed).to(torch.int32), 1)
     got = qlinear.pack_int4_for_cpu(packed)
     assert got.is_contiguous() and torch.equal(got, expected)
+
+
+def test_cast_floats_keeps_quantized_scales_in_float32():
+    """cast_floats: the model's other floats in the dtype, the quantized layers' scales (and int4's zero
+    points) in float32 with their values as they were, not rounded to the dtype on the way."""
+    model = nn.Sequential(nn.Linear(64, 8), qlinear.Int8Linear(64, 8), qlinear.Int4Linear(64, 8, groupsize=32))
+    unround = 1 + 2 ** -12  # bfloat16 rounds it to 1
+    model[1].scales.fill_(unround)
+    model[2].scales_and_zeros.fill_(unround)
+    qlinear.cast_floats(model, torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].weight.dtype == torch.int8
+    for t in (model[1].scales, model[2].scales_and_zeros):
+        assert t.dtype == torch.float32 and (t == unround).all()
