@@ -19,7 +19,7 @@ import torch
 
 from errors import UsageError
 from model import Transformer
-from qlinear import Int4Linear, Int8Linear, cpu_kernels
+from qlinear import C_SHIMS, Int4Linear, Int8Linear, cpu_features, cpu_kernels
 from sampling import SamplingParams, sample
 
 try:
@@ -122,16 +122,18 @@ def few_query_attention_pass():
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     kernel = torch.ops.nimblelm.few_query_attention.default if cpu_kernels() else None
+    # (the call as Dynamo traces it for torch.compile; the ATen op in torch.export's graphs: ExportedStep)
+    SDPA = (torch._C._nn.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 
     class FewQueryAttention(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph):
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
             for node in graph.nodes:
-                if node.op != "call_function" or node.target is not torch._C._nn.scaled_dot_product_attention:
+                if node.op != "call_function" or node.target not in SDPA:
                     continue
                 args = dict(zip(names, node.args), **node.kwargs)
-                q, k, v, mask = (getattr(args.get(name), "meta", {}).get("example_value")
-                                 for name in ("query", "key", "value", "attn_mask"))
+                metas = (getattr(args.get(name), "meta", {}) for name in ("query", "key", "value", "attn_mask"))
+                q, k, v, mask = (meta.get("example_value", meta.get("val")) for meta in metas)
                 if (q is None or k is None or not isinstance(q.shape[-2], int) or q.shape[-2] > FEW_QUERIES
                         or k.shape[1] != q.shape[1] or args.get("dropout_p") or args.get("is_causal")):
                     continue
@@ -158,7 +160,7 @@ def few_query_attention_pass():
 class Steps:
     """A model's prefill and decode step, eager or compiled. Make one per model (with its caches set up)
     and pass it to every generate() call: the compiled graphs live on this object, and nothing global
-    changes."""
+    changes. A compiled decode step is an ExportedStep where that suits (the CPU), else compiled()'s."""
 
     # The step functions, before compiling; a subclass for another search names its own.
     prefill_fn, decode_fn = staticmethod(prefill), staticmethod(decode_step)
@@ -167,7 +169,9 @@ class Steps:
         self.device = model.dtype_device()[1]
         self.prefill, self.decode = self.prefill_fn, self.decode_fn
         if compile:
-            self.decode = self.compiled(self.decode_fn, frozen=frozen_settings(model, model.max_batch_size))
+            frozen = frozen_settings(model, model.max_batch_size)
+            self.decode = (ExportedStep(self.decode_fn) if ExportedStep.suits(model, frozen)
+                           else self.compiled(self.decode_fn, frozen=frozen))
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
@@ -252,6 +256,140 @@ class CompiledStep:
 
     def __del__(self):
         self.release()
+
+
+class ExportedStep:
+    """A decode step compiled ahead of time for the CPU: torch.export traces it, AOTInductor compiles the
+    graph into a shared library, and a call runs that library with no Python of PyTorch's in between (no
+    Dynamo frame, guards or AOTAutograd wrapper). The model's tensors (weights, KV caches, RoPE tables) are
+    the library's constants, given to it once as pointers to the model's own memory, so a call passes
+    only its few inputs, not hundreds. A CompiledStep spends about half a millisecond a call on those
+    (BENCHMARKS.md), a tenth of a small quantized model's step. For the steps that suit it (suits()).
+
+    fn(model, *args): a tensor argument is an input of the shape it had; a DynamicInt (attended_length) a
+    symbolic size, passed as the length of a view of a buffer (AOTInductor takes tensors only); anything
+    else (None, the sampling's numbers) is compiled in. Other shapes or values compile another graph, and
+    once setup_caches has replaced the caches every graph is dropped (as CompiledStep does). The
+    libraries are kept on disk (cache_dir()), named by a digest of the exported graph and what it was
+    compiled with, so a later process exports the step again (seconds) but compiles it only once."""
+
+    def __init__(self, fn):
+        self.fn, self.runners, self.caches = fn, {}, None
+
+    @staticmethod
+    def suits(model: Transformer, frozen: Optional[dict]) -> bool:
+        """The CPU, where qkernels.cpp is built (the graph takes its attention: few_query_attention_pass) and
+        the weights are not frozen (a frozen graph's packed weights are its own); one process (tensor- and
+        pipeline-parallel steps call collectives)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return (model.dtype_device()[1].type == "cpu" and frozen is None and DynamicInt is not int
+                and model.max_seq_length >= 2 and not distributed and bool(cpu_kernels()))
+
+    def __call__(self, model: Transformer, *args):
+        caches = cache_tensors(model)
+        if self.caches is None or any(map(operator.is_not, caches, self.caches)):
+            self.runners, self.caches = {}, caches
+        key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else DynamicInt if type(a) is DynamicInt
+                    else (type(a), a) for a in args)
+        runner = self.runners.get(key)
+        if runner is None:
+            runner = self.runners[key] = self.build(model, args)
+        loader, out_spec, lengths, _ = runner  # (_: the tensors whose memory the library reads)
+        # a symbolic size n is the length of lengths[: n + 1] (sizes 0 and 1 would be specialised)
+        inputs = [lengths[:a + 1] if type(a) is DynamicInt else a for a in args
+                  if type(a) is DynamicInt or isinstance(a, torch.Tensor)]
+        return torch.utils._pytree.tree_unflatten(loader.boxed_run(inputs), out_spec)
+
+    def build(self, model: Transformer, args: tuple):
+        from torch._inductor import aoti_load_package
+        from torch.export import Dim, export
+        lengths = torch.empty(model.max_seq_length + 1, dtype=torch.uint8)
+        kinds = ["size" if type(a) is DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a for a in args]
+        module = _StepModule(self.fn, model, kinds)
+        with torch.inference_mode(False), torch.no_grad():  # (export's example inputs: no inference tensors)
+            example = tuple(lengths[:a + 1] if k == "size" else a.clone() for a, k in zip(args, kinds)
+                            if k in ("size", "tensor"))
+            # (an attended length: 2 slots at least, and no more than the cache has)
+            shapes = tuple({0: Dim(f"size{i}", min=3, max=model.max_seq_length + 1)} if k == "size" else None
+                           for i, k in enumerate(k for k in kinds if k in ("size", "tensor")))
+            program = export(module, example, dynamic_shapes=(shapes,), strict=False)
+        few_query_attention_pass()(program.graph)
+        program.graph_module.recompile()
+        runner = aoti_load_package(compiled_package(program))
+        named = dict(module.named_parameters(remove_duplicate=False))
+        named.update(module.named_buffers(remove_duplicate=False))
+        named.update(program.constants)
+        # user_managed: the library reads the model's memory, no copy. It keeps a reference to what it is
+        # given and never drops it (PyTorch 2.13), so it is given views that do not own that memory (as
+        # Inductor's CUDA graph trees make them), and the tensors themselves are held with the library.
+        runner.load_constants({name: unowned(named[name]) for name in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
+        out_spec = torch.utils._pytree.treespec_loads(runner.loader.get_call_spec()[1])
+        return runner.loader, out_spec, lengths, named
+
+class _StepModule(torch.nn.Module):
+    """fn(model, *args) as a module for torch.export: its inputs are the tensor arguments and, for each
+    symbolic size, a tensor of that length plus one; the other arguments are kinds' values."""
+
+    def __init__(self, fn, model: Transformer, kinds: list):
+        super().__init__()
+        self.fn, self.model, self.kinds = fn, model, kinds
+
+    def forward(self, *inputs):
+        inputs = iter(inputs)
+        args = [next(inputs).shape[0] - 1 if k == "size" else next(inputs) if k == "tensor" else k
+                for k in self.kinds]
+        return self.fn(self.model, *args)
+
+
+def unowned(t: torch.Tensor) -> torch.Tensor:
+    """A view of t's memory that does not keep it alive."""
+    storage = t.untyped_storage()
+    storage = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, t.storage_offset(), t.shape, t.stride())
+
+
+def compiled_package(program) -> str:
+    """The path of program compiled by AOTInductor with our settings (inductor_options; the weights not in
+    the library), from cache_dir() where an earlier process compiled the same graph, else compiled now
+    and written there whole (a temporary file renamed) or not at all."""
+    import hashlib
+    import tempfile
+    from torch._inductor import aoti_compile_and_package
+    options = inductor_options(torch.device("cpu"), loop_attention=False)
+    del options["cpp_wrapper"]  # (a library's code is C++ anyway)
+    options["aot_inductor.package_constants_in_so"] = False
+    # qkernels.cpp's ops called through their C entry points, not PyTorch's dispatcher (qlinear.C_SHIMS).
+    # (Not for torch.compile's steps: Inductor's cache cannot take ops in its settings, and would compile
+    # them again in every process.)
+    options["aot_inductor.custom_ops_to_c_shims"] = {
+        getattr(torch.ops.nimblelm, op).default: [declaration] for op, declaration in C_SHIMS.items()}
+    placeholders = [(n.name, str(n.meta.get("val")), getattr(n.meta.get("val"), "stride", lambda: None)())
+                    for n in program.graph.nodes if n.op == "placeholder"]
+    digest = hashlib.sha256(repr((torch.__version__, sorted(cpu_features()), repr(options), program.graph_module.code,
+                                  str(program.graph_signature), str(program.range_constraints),
+                                  placeholders)).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir(), f"step-{digest}.pt2")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix="tmp-", suffix=".pt2")
+        os.close(fd)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+                warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)  # (PyTorch's own use, deprecated)
+                aoti_compile_and_package(program, package_path=tmp, inductor_configs=options)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def cache_dir() -> str:
+    """Where compiled steps are kept: under nimblelm's folder, beside the default model."""
+    from checkpoint import nimblelm_cache
+    return os.path.join(nimblelm_cache(), "steps")
 
 
 def cache_tensors(model: Transformer) -> tuple:

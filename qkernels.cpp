@@ -23,6 +23,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -690,6 +692,37 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
 }
 
 }  // namespace
+
+// C entry points of the ops, for the steps that decode.ExportedStep compiles (qlinear.C_SHIMS): the library
+// calls these directly, not through PyTorch's proxy executor, which boxes and unboxes every call's arguments
+// (over a microsecond a call, for a hundred and more calls a step: BENCHMARKS.md). Tensors come as borrowed
+// handles and the result goes out as a new one; an exception becomes an error code, which the caller checks.
+namespace {
+const at::Tensor& tensor(AtenTensorHandle h) { return *torch::aot_inductor::tensor_handle_to_tensor_pointer(h); }
+AtenTensorHandle handle(at::Tensor t) { return torch::aot_inductor::new_tensor_handle(std::move(t)); }
+}  // namespace
+
+extern "C" {
+AOTITorchError aoti_torch_cpu_q8_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle scales,
+                                        AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(q8_linear(tensor(x), tensor(weight), tensor(scales))); });
+}
+AOTITorchError aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle weight, int64_t N,
+                                        AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(q4_linear(tensor(x), tensor(weight), N)); });
+}
+AOTITorchError aoti_torch_cpu_half_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(half_linear(tensor(x), tensor(weight))); });
+}
+AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, AtenTensorHandle key, AtenTensorHandle value,
+                                                  AtenTensorHandle* attn_mask, double scale, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    std::optional<at::Tensor> mask;
+    if (attn_mask) mask = tensor(*attn_mask);
+    *ret0 = handle(few_query_attention(tensor(query), tensor(key), tensor(value), mask, scale));
+  });
+}
+}
 
 TORCH_LIBRARY(nimblelm, m) {
   m.def("q8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");

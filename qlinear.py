@@ -34,6 +34,7 @@ Which kernel runs:
 quantize.py writes the quantized layers' tensors; checkpoint.py builds the layers, loads them and calls
 prepare(), which also makes float layers HalfLinear where it runs them.
 """
+import ctypes
 import functools
 import hashlib
 import os
@@ -395,7 +396,10 @@ def cpu_kernels() -> float:
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
     try:
         from torch.utils import cpp_extension
-        cpp_extension.load(name, [source], extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False)
+        library = cpp_extension.load(name, [source], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                     is_python_module=False)
+        # its symbols made global, so that compiled steps link to its C entry points (C_SHIMS) as they load
+        ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except Exception as e:  # the compiler's own report is long; its first line says which step failed
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f"nimblelm: qkernels.cpp could not be built ({reason}); the linear layers use PyTorch's kernels",
@@ -418,6 +422,21 @@ def cpu_kernels() -> float:
     def _(query, key, value, attn_mask, scale):
         return torch.empty_like(query, memory_format=torch.contiguous_format)
     return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
+
+
+# qkernels.cpp's C entry points, one per op, which compiled steps call directly rather than through PyTorch's
+# dispatcher (Inductor's custom_ops_to_c_shims, for the steps decode.ExportedStep compiles)
+C_SHIMS = {
+    "q8_linear": "AOTITorchError aoti_torch_cpu_q8_linear(AtenTensorHandle x, AtenTensorHandle weight, "
+                 "AtenTensorHandle scales, AtenTensorHandle* ret0)",
+    "q4_linear": "AOTITorchError aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle weight, int64_t N, "
+                 "AtenTensorHandle* ret0)",
+    "half_linear": "AOTITorchError aoti_torch_cpu_half_linear(AtenTensorHandle x, AtenTensorHandle weight, "
+                   "AtenTensorHandle* ret0)",
+    "few_query_attention": "AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, "
+                           "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle* attn_mask, double scale, "
+                           "AtenTensorHandle* ret0)",
+}
 
 
 @functools.cache

@@ -186,6 +186,9 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
         assert G.frozen_settings(model, batch) == ({"freezing": True} if batch > 1 else None)
         steps = Steps(model, compile=True)
         assert steps.prefill is G.prefill and steps.decode is not G.decode_step  # a value, no global rebound
+        # batch 1 ahead of time where qkernels.cpp is built; a frozen step with torch.compile
+        exported = batch == 1 and bool(qlinear.cpu_kernels())
+        assert isinstance(steps.decode, G.ExportedStep if exported else G.CompiledStep)
         run(model, prompt, 2, steps=steps)  # compiles
         with torch.compiler.set_stance("fail_on_recompile"):  # other attended lengths reuse the graph
             assert run(model, prompt, 12, steps=steps) == eager
@@ -198,6 +201,7 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
                     torch.nn.init.zeros_(model.output.weight)
                     assert torch.equal(steps.decode(*args), before)
                     assert not torch.equal(G.decode_step(*args), before)
+        assert not exported or len(steps.decode.runners) == 1  # one graph (Dynamo's stance does not see it)
     finally:
         with torch.no_grad():
             model.output.weight.copy_(head)
