@@ -160,7 +160,7 @@ def few_query_attention_pass():
 class Steps:
     """A model's prefill and decode step, eager or compiled. Make one per model (with its caches set up)
     and pass it to every generate() call: the compiled graphs live on this object, and nothing global
-    changes. A compiled decode step is an ExportedStep where that suits (the CPU), else compiled()'s."""
+    changes."""
 
     # The step functions, before compiling; a subclass for another search names its own.
     prefill_fn, decode_fn = staticmethod(prefill), staticmethod(decode_step)
@@ -169,11 +169,16 @@ class Steps:
         self.device = model.dtype_device()[1]
         self.prefill, self.decode = self.prefill_fn, self.decode_fn
         if compile:
-            frozen = frozen_settings(model, model.max_batch_size)
-            self.decode = (ExportedStep(self.decode_fn) if ExportedStep.suits(model, frozen)
-                           else self.compiled(self.decode_fn, frozen=frozen))
+            self.decode = self.compiled_for(model, self.decode_fn, frozen_settings(model, model.max_batch_size))
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
+
+    def compiled_for(self, model: Optional[Transformer], fn, frozen: Optional[dict], **kwargs):
+        """fn compiled for the calls it gets with this model (of fixed shapes, but for the attended length):
+        an ExportedStep where that suits, else compiled()'s."""
+        if model is not None and ExportedStep.suits(model, frozen):
+            return ExportedStep(fn)
+        return self.compiled(fn, frozen=frozen, **kwargs)
 
     def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
@@ -263,8 +268,10 @@ class ExportedStep:
     graph into a shared library, and a call runs that library with no Python of PyTorch's in between (no
     Dynamo frame, guards or AOTAutograd wrapper). The model's tensors (weights, KV caches, RoPE tables) are
     the library's constants, given to it once as pointers to the model's own memory, so a call passes
-    only its few inputs, not hundreds. A CompiledStep spends about half a millisecond a call on those
-    (BENCHMARKS.md), a tenth of a small quantized model's step. For the steps that suit it (suits()).
+    only its few inputs, not hundreds; and it calls qkernels.cpp's ops directly (qlinear.C_SHIMS). A
+    CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small quantized
+    model's step: batch-1 steps took 5-9% less time this way (BENCHMARKS.md). For the steps that suit it
+    (suits()).
 
     fn(model, *args): a tensor argument is an input of the shape it had; a DynamicInt (attended_length) a
     symbolic size, passed as the length of a view of a buffer (AOTInductor takes tensors only); anything

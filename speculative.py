@@ -57,15 +57,15 @@ class SpeculativeSteps(Steps):
     call), holding a packed copy of them; one whose layers are qlinear.HalfLinear (a CPU without bfloat16
     instructions) runs qkernels.cpp's products over the weights as stored. A quantized draft model given
     as `draft` runs qkernels.cpp's products, or where they cannot be built, freezes its weights for
-    Inductor's own kernels."""
+    Inductor's own kernels. Steps that do not freeze are decode.ExportedSteps there (Steps.compiled_for)."""
 
     def __init__(self, model, compile: bool = False, draft=None):
         super().__init__(model, compile=compile)
         self.verify = self.draft = logits_of
         if compile:
-            self.verify = self.compiled(logits_of, dynamic=False, frozen=frozen_settings(model, rows=2))
-            self.draft = self.compiled(logits_of, dynamic=False,
-                                       frozen=frozen_settings(draft, rows=1) if draft is not None else None)
+            self.verify = self.compiled_for(model, logits_of, frozen_settings(model, rows=2), dynamic=False)
+            draft_frozen = frozen_settings(draft, rows=1) if draft is not None else None
+            self.draft = self.compiled_for(draft, logits_of, draft_frozen, dynamic=False)
 
 
 def ngram_proposal(history: list, k: int, max_n: int = 3) -> list:
