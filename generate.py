@@ -134,7 +134,8 @@ def parse_args(argv) -> Options:
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on cuda, "
                                                 "float16 on mps, float32 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: what the run needs)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (on the CPU ahead of time where that suits: decode.ExportedStep)")
     p.add_argument("--compile-prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample and prompt, no text")
     p.add_argument("--profile", help="write a PyTorch profiler trace of the first sample to this path")

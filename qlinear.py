@@ -424,8 +424,8 @@ def cpu_kernels() -> float:
     return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
 
 
-# qkernels.cpp's C entry points, one per op, which compiled steps call directly rather than through PyTorch's
-# dispatcher (Inductor's custom_ops_to_c_shims, for the steps decode.ExportedStep compiles)
+# qkernels.cpp's C entry points, one per op, which the libraries of decode.ExportedStep call directly rather
+# than through PyTorch's proxy executor (Inductor's custom_ops_to_c_shims: decode.compiled_package)
 C_SHIMS = {
     "q8_linear": "AOTITorchError aoti_torch_cpu_q8_linear(AtenTensorHandle x, AtenTensorHandle weight, "
                  "AtenTensorHandle scales, AtenTensorHandle* ret0)",

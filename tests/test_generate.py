@@ -209,7 +209,7 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
 
 
 def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
-    """A compiled CPU step holds the model's tensors in its graph (decode.CompiledStep): once setup_caches
+    """A compiled CPU step holds the model's tensors (decode.ExportedStep, CompiledStep): once setup_caches
     replaces the caches, with ones of the same size too, it compiles anew and decodes as eager does, and
     nothing keeps the old caches."""
     _, model, _ = tiny
