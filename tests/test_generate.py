@@ -228,6 +228,28 @@ def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
+def test_an_exported_step_is_written_whole_once_and_loaded_after(tiny, tmp_path, monkeypatch):
+    """A CPU decode step compiled ahead of time (decode.ExportedStep) goes into the step cache as one whole
+    file, and a second Steps, as a later process would, loads it instead of compiling again."""
+    if not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp is not built here: no step is exported")
+    import torch._inductor
+    monkeypatch.setenv("NIMBLELM_HOME", str(tmp_path))
+    _, model, _ = tiny
+    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
+    try:
+        prompt = list(range(1, 20))
+        eager = run(model, prompt, 4)
+        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager
+        files = sorted(p.name for p in (tmp_path / "steps").iterdir())
+        assert len(files) == 1 and files[0].startswith("step-") and files[0].endswith(".pt2")
+        monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled again"))
+        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager
+        assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == files
+    finally:
+        model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_few_query_attention_equals_sdpa(dtype):
     """The decode step's attention as sums (what the CPU compiles) and qkernels.cpp's (where it is built)
