@@ -302,10 +302,7 @@ class ExportedStep:
         if runner is None:
             runner = self.runners[key] = self.build(model, args)
         loader, out_spec, lengths, _ = runner  # (_: the tensors whose memory the library reads)
-        # a symbolic size n is the length of lengths[: n + 1] (sizes 0 and 1 would be specialised)
-        inputs = [lengths[:a + 1] if type(a) is DynamicInt else a for a in args
-                  if type(a) is DynamicInt or isinstance(a, torch.Tensor)]
-        return torch.utils._pytree.tree_unflatten(loader.boxed_run(inputs), out_spec)
+        return torch.utils._pytree.tree_unflatten(loader.boxed_run(step_inputs(args, lengths)), out_spec)
 
     def build(self, model: Transformer, args: tuple):
         from torch._inductor import aoti_load_package
@@ -314,8 +311,7 @@ class ExportedStep:
         kinds = ["size" if type(a) is DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a for a in args]
         module = _StepModule(self.fn, model, kinds)
         with torch.inference_mode(False), torch.no_grad():  # (export's example inputs: no inference tensors)
-            example = tuple(lengths[:a + 1] if k == "size" else a.clone() for a, k in zip(args, kinds)
-                            if k in ("size", "tensor"))
+            example = tuple(t.clone() for t in step_inputs(args, lengths))
             # (an attended length: 2 slots at least, and no more than the cache has)
             shapes = tuple({0: Dim(f"size{i}", min=3, max=model.max_seq_length + 1)} if k == "size" else None
                            for i, k in enumerate(k for k in kinds if k in ("size", "tensor")))
@@ -333,6 +329,14 @@ class ExportedStep:
                               check_full_update=True, user_managed=True)
         out_spec = torch.utils._pytree.treespec_loads(runner.loader.get_call_spec()[1])
         return runner.loader, out_spec, lengths, named
+
+
+def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
+    """What an ExportedStep's library takes for a step's arguments: the tensors, and for each symbolic size n
+    the view lengths[:n + 1] (sizes 0 and 1 would be specialised)."""
+    return [lengths[:a + 1] if type(a) is DynamicInt else a for a in args
+            if type(a) is DynamicInt or isinstance(a, torch.Tensor)]
+
 
 class _StepModule(torch.nn.Module):
     """fn(model, *args) as a module for torch.export: its inputs are the tensor arguments and, for each
