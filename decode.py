@@ -27,15 +27,18 @@ try:
 except ImportError:  # older PyTorch: a plain int, which costs one recompilation before it goes dynamic
     DynamicInt = int
 
-# Each step attends to the filled part of the KV cache, rounded up to a multiple of KV_BLOCK slots, not to
-# the whole cache: with a long cache and a short text, attending to every slot costs more than reading
-# the weights. The length is a DynamicInt, so torch.compile makes it a symbolic size: one compiled graph
-# serves every length, and nothing recompiles as the text grows.
+# Each step attends to the filled part of the KV cache, not to the whole cache: with a long cache and a
+# short text, attending to every slot costs more than reading the weights. The length is a DynamicInt, so
+# torch.compile makes it a symbolic size: one compiled graph serves every length, and nothing recompiles
+# as the text grows. On CUDA it is rounded up to a multiple of KV_BLOCK slots, as a CUDA graph is recorded
+# for each length; on the CPU it is exact (at least 2: torch.compile would specialise sizes 0 and 1), as
+# the slots past the text would only cost time (BENCHMARKS.md).
 KV_BLOCK = 128
 
 
 def attended_length(model: Transformer, n_filled: int) -> int:
-    return DynamicInt(min(model.max_seq_length, -(-n_filled // KV_BLOCK) * KV_BLOCK))
+    block = KV_BLOCK if model.dtype_device()[1].type == "cuda" else 1
+    return DynamicInt(min(model.max_seq_length, max(2, -(-n_filled // block) * block)))
 
 
 # ---------------------------------------------------------------------------------------------------------
