@@ -13,7 +13,8 @@
 // one in each lane of a vector: no sums across lanes, and every read of the weight is sequential. For
 // each eight outputs n..n + 7 and each block b, 160 bytes: 128 of values, then the eight outputs' float16
 // scales, then their offsets. The values are four vectors of 32 bytes: vector j holds, for output n + r,
-// bytes 4r..4r + 3 = inputs 4j..4j + 3 of the block (low nibbles) and 16 + 4j..16 + 4j + 3 (high).
+// bytes 4r..4r + 3 = inputs 4j..4j + 3 of the block (low nibbles) and 16 + 4j..16 + 4j + 3 (high). int8
+// weights stay as stored; for several rows their blocks are put in that lane order in registers (q8_outputs8).
 // PyTorch has no int4 x int8 product on the CPU, and its int8 ones run several times below the memory's
 // speed for a decode step's few rows (BENCHMARKS.md), which is what this file is for. The integer dot
 // products are AVX2's (maddubs: unsigned x signed bytes to pairs of int16, no overflow for these ranges),
@@ -176,6 +177,60 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   }
   if (b < nb) q8_block<R>(w, b, q, d, K, nb, even);
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
+}
+
+// Eight outputs for R rows (2 or more), from the weight as stored: each block of 32 inputs of the eight
+// outputs' rows is transposed in registers so that vector j holds, in lane r, output n + r's inputs
+// 4j..4j + 3 (int4's layout, above). A block's integer sums then stay in int32 lanes, one per output, and
+// are converted and scaled once per block for eight outputs, not once per output: at several rows, where
+// the arithmetic sets the time, that is two of the seven operations per row and block (BENCHMARKS.md).
+// At one row, bound by memory, the transposes cost more than they save: q8_output runs it.
+
+inline void transpose_8x8(__m256i* v) {  // v[r] lane j -> v[j] lane r, lanes of 32 bits
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+    v[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+  }
+}
+
+template <int R>
+void q8_outputs8(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K, int64_t nb,
+                 float* y, int64_t ldy) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  // the eight rows are 8 * K contiguous bytes: the next eight outputs' are asked for as fast as these are read
+  const char* next = reinterpret_cast<const char*>(w + 8 * K);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int line = 0; line < 8 * QK; line += 64) _mm_prefetch(next + b * 8 * QK + line, _MM_HINT_T0);
+    __m256i v[8];
+    for (int r = 0; r < 8; ++r) v[r] = load32(w + r * K + b * QK);
+    transpose_8x8(v);
+    __m256i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; ++j) {
+      const __m256i aw = _mm256_sign_epi8(v[j], v[j]);
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, q + r * K + b * QK + 4 * j, 4);
+        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(aw, _mm256_sign_epi8(_mm256_set1_epi32(four), v[j])));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(d + r * nb + b), acc[r]);
+  }
+  const __m256 s8 = _mm256_loadu_ps(scale);
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(acc[r], s8));
 }
 
 // Eight outputs' int4 block (in the layout above) for R rows: each 4 inputs of the row's block go to every
@@ -540,9 +595,19 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const Activations a = quantize(x, false);
   const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q;
   const float *sc = scales.data_ptr<float>(), *d = a.d;
-  return product<MAX_ROWS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+  auto outputs = [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
-  });
+  };
+#ifndef HAVE_VNNI  // (VNNI's one instruction leaves less to save, and was not measured)
+  if (x.size(0) > 1)
+    return product<MAX_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      if (n + 8 <= N)
+        q8_outputs8<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
+      else  // the last outputs, fewer than eight
+        for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
+    });
+#endif
+  return product<MAX_ROWS>(x, N, outputs);
 }
 
 // weight: [ceil(N / 8), K / 32, 160] bytes, qlinear.pack_int4_for_kernel's layout (top of this file)
