@@ -36,8 +36,8 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import (DEFAULT_NAME, build_on_meta, default_checkpoint, default_checkpoint_dir, default_gguf,
-                        load_model, load_tokenizer, read_config, weight_bytes_per_token)
+from checkpoint import (DEFAULT_NAME, HugePages, build_on_meta, default_checkpoint, default_checkpoint_dir,
+                        default_gguf, load_model, load_tokenizer, read_config, weight_bytes_per_token)
 from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs, Transformer
 
@@ -83,9 +83,13 @@ def write_random_checkpoint(args: ModelArgs, directory: str, dtype=torch.bfloat1
 
 
 def measure_read_bandwidth(device: torch.device) -> float:
-    """GB/s of a sum over a tensor far larger than any cache (1 GiB; 4 GiB on a GPU), best of several."""
+    """GB/s of a sum over a tensor far larger than any cache (1 GiB; 4 GiB on a GPU), best of several; on
+    the CPU in huge pages, as load_model puts the weights there."""
     n = (4 << 30 if device.type == "cuda" else 1 << 30) // 4
-    x = torch.ones(n, dtype=torch.float32, device=device)
+    if device.type == "cpu" and HugePages.available():
+        x = HugePages(n * 4).empty((n,), torch.float32).fill_(1)
+    else:
+        x = torch.ones(n, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(6):
         if device.type == "cuda":
