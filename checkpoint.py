@@ -267,9 +267,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
                 if layout.tp > 1:
                     t = tp.read_shard(f, stored, args, layout, quantization)
                 else:  # straight into the huge pages, unless it is to be cast
-                    entry = f.entries[stored]
-                    direct = (pages is not None and f.DTYPES.get(entry["dtype"]) == meta.dtype
-                              and entry["shape"] == list(meta.shape))
+                    direct = pages is not None and f.DTYPES[f.entries[stored]["dtype"]] == meta.dtype
                     t = f.get_tensor(stored, pages.empty if direct else torch.empty)
                 if t.shape != meta.shape:
                     raise UsageError(f"{weights_path}: tensor {stored} has shape {tuple(t.shape)}, "

@@ -319,6 +319,27 @@ def test_bf16_output_is_half_the_size(tmp_path):
     assert load_model(str(tmp_path / "bf16"), dtype=torch.bfloat16).norm.weight.dtype == torch.bfloat16
 
 
+def test_a_cpu_load_puts_the_weights_in_one_huge_page_mapping(tmp_path):
+    """On the CPU every tensor of the checkpoint is read into checkpoint.HugePages' one mapping (a cast one
+    too), with the file's values, the tied head sharing the embedding's."""
+    from checkpoint import HugePages
+    from safetensors.torch import load_file
+    if not HugePages.available():
+        pytest.skip("no MADV_HUGEPAGE here")
+    hf = make_hf_model("gqa")
+    hf.config.tie_word_embeddings = True
+    hf.lm_head.weight = hf.model.embed_tokens.weight
+    convert(str(save_hf_model(hf, tmp_path / "hf")), str(tmp_path / "ck"), dtype=torch.bfloat16, progress=False)
+    stored = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    for dtype in (torch.bfloat16, torch.float32):  # read in place; cast, then copied in
+        model = load_model(str(tmp_path / "ck"), dtype=dtype)
+        state = model.state_dict()
+        assert len({t.untyped_storage().data_ptr() for t in state.values()}) == 1
+        assert model.output.weight is model.tok_embeddings.weight
+        for name, t in stored.items():
+            assert torch.equal(state[name], t.to(dtype)), name
+
+
 LOAD_PEAK = '''
 import sys, torch
 sys.path.insert(0, {root!r})
