@@ -66,6 +66,13 @@ inline float hmax(__m256 v) {
 
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// the 4 bytes at p in every 32-bit lane
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm256_set1_epi32(four);
+}
+
 inline __m256 load_half8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -220,11 +227,8 @@ void q8_outputs8(const int8_t* w, const float* scale, const int8_t* q, const flo
     for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
       const __m256i aw = _mm256_sign_epi8(v[j], v[j]);
-      for (int r = 0; r < R; ++r) {
-        int32_t four;
-        std::memcpy(&four, q + r * K + b * QK + 4 * j, 4);
-        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(aw, _mm256_sign_epi8(_mm256_set1_epi32(four), v[j])));
-      }
+      for (int r = 0; r < R; ++r)
+        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(aw, _mm256_sign_epi8(broadcast4(q + r * K + b * QK + 4 * j), v[j])));
     }
     for (int r = 0; r < R; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(d + r * nb + b), acc[r]);
@@ -250,11 +254,7 @@ inline void q4_block(const uint8_t* w, const int8_t* q, const float* d, const fl
   const __m256 o8 = load_half8(reinterpret_cast<const at::Half*>(w + Q4_VALUE_BYTES + 2 * Q4_OUTPUTS));
   for (int r = 0; r < R; ++r) {
     const int8_t* qb = q + r * K + b * QK;
-    auto inputs = [&](int j) {  // inputs 4j..4j + 3 in every lane
-      int32_t four;
-      std::memcpy(&four, qb + 4 * j, 4);
-      return _mm256_set1_epi32(four);
-    };
+    auto inputs = [&](int j) { return broadcast4(qb + 4 * j); };  // inputs 4j..4j + 3 in every lane
 #ifdef HAVE_VNNI
     __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
     for (int j = 0; j < 8; j += 2) {
