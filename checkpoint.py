@@ -152,9 +152,13 @@ class WeightsFile:
     def keys(self):
         return self.entries.keys()
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor `name` is stored in."""
+        return self.DTYPES[self.entries[name]["dtype"]]
+
     def get_tensor(self, name: str, empty=torch.empty) -> torch.Tensor:
         e = self.entries[name]
-        t = empty(e["shape"], dtype=self.DTYPES[e["dtype"]])
+        t = empty(e["shape"], dtype=self.dtype(name))
         if t.numel():
             self.file.seek(self.base + e["data_offsets"][0])
             self.file.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
@@ -267,7 +271,7 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
                 if layout.tp > 1:
                     t = tp.read_shard(f, stored, args, layout, quantization)
                 else:  # straight into the huge pages, unless it is to be cast
-                    direct = pages is not None and f.DTYPES[f.entries[stored]["dtype"]] == meta.dtype
+                    direct = pages is not None and f.dtype(stored) == meta.dtype
                     t = f.get_tensor(stored, pages.empty if direct else torch.empty)
                 if t.shape != meta.shape:
                     raise UsageError(f"{weights_path}: tensor {stored} has shape {tuple(t.shape)}, "

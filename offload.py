@@ -149,10 +149,13 @@ class MappedFile:
         start, end = self.entries[name]["data_offsets"]
         return self.base + start, end - start
 
+    def dtype(self, name: str) -> torch.dtype:
+        return WeightsFile.DTYPES[self.entries[name]["dtype"]]
+
     def tensor(self, name: str) -> torch.Tensor:
         e = self.entries[name]
         start, size = self.span(name)
-        dtype = WeightsFile.DTYPES[e["dtype"]]
+        dtype = self.dtype(name)
         if start % dtype.itemsize:
             raise ValueError(f"tensor {name} is not aligned to its {e['dtype']} elements in the file")
         return self.bytes[start:start + size].view(dtype).view(e["shape"])
@@ -372,7 +375,7 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
             # In place when every tensor is stored as it runs: no cast, no repacking (int4's kernel layout is
             # made at load), integers aligned for the int8 kernel.
             zero_copy = not (quantization and quantization["mode"].startswith("int4")) and all(
-                WeightsFile.DTYPES[mapped.entries[full]["dtype"]] == kinds[n].dtype
+                mapped.dtype(full) == kinds[n].dtype
                 and (kinds[n].is_floating_point() or mapped.span(full)[0] % 64 == 0)
                 for i in range(args.n_layers) for n, full in names(i).items())
         buffers = [] if zero_copy else [new_buffer()]  # a buffer holds what qlinear.prepare adds, too
