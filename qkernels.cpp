@@ -432,6 +432,10 @@ constexpr int ATTEND_ROWS = 3;
 // keys ahead to prefetch: 8, 16 and 32 within a few percent of each other, a fifth to a quarter off a decode
 // step's attention (BENCHMARKS.md)
 constexpr int ATTEND_AHEAD = 8;
+// Where a step's heads do not divide among the threads, its keys are split into parts of at least these many
+// (few_query_attention; at 151 keys, two parts took less time than one: BENCHMARKS.md; shorter parts were
+// not measured), into at most ATTEND_MAX_PARTS
+constexpr int64_t ATTEND_PART_KEYS = 64, ATTEND_MAX_PARTS = 64;
 
 // out[r][j] = sum over keys l of w[r][l] * v[l * ldv + j], for j < 8 * V; w's rows ldw apart
 template <int R, int V, typename T>
@@ -461,11 +465,13 @@ inline void weighted_sum(const float* w, int64_t ldw, const T* v, int64_t L, int
 }
 
 // R query rows q [R, D] (rows ldq apart) over keys k, values v [L, D] (rows ldk, ldv apart), row r's mask
-// at masks[r] (or none; L entries mask_step apart) -> out [R, D] (rows ldq apart). scores: R * L floats;
-// qf: R * D.
-template <int R, typename T>
+// at masks[r] (or none; L entries mask_step apart) -> out [R, D] (rows ldo apart), as O. scores: R * L
+// floats; qf: R * D. With stats, each row's largest score and the sum of its exponentials go to
+// stats[2r] and stats[2r + 1], for combining this part of the keys with the others' (few_query_attention).
+template <int R, typename T, typename O>
 void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
-            const bool* const* masks, int64_t mask_step, float scale, T* out, float* scores, float* qf) {
+            const bool* const* masks, int64_t mask_step, float scale, O* out, int64_t ldo, float* stats,
+            float* scores, float* qf) {
   const __m256 scale8 = _mm256_set1_ps(scale);
   for (int r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, _mm256_mul_ps(load8(q + r * ldq + d), scale8));
@@ -531,6 +537,7 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
       if (mask && !mask[l * mask_step]) s[l] = -INFINITY;
       max = std::max(max, s[l]);
     }
+    if (stats) stats[2 * r] = max, stats[2 * r + 1] = 0.f;
     if (max == -INFINITY) {
       std::fill(s, s + L, 0.f);
       inv[r] = 0.f;
@@ -549,6 +556,7 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
     float sum = hsum(total);
     for (; l < L; ++l) sum += s[l] = s[l] == -INFINITY ? 0.f : std::exp(s[l] - max);
     inv[r] = 1.f / sum;
+    if (stats) stats[2 * r + 1] = sum;
   }
   float* sums = qf;  // q's floats are no longer needed: they become the output's
   constexpr int V = std::min(8, 12 / R);
@@ -559,7 +567,7 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
   }
   for (int r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; d += 8)
-      store8(out + r * ldq + d, _mm256_mul_ps(_mm256_loadu_ps(sums + r * D + d), _mm256_set1_ps(inv[r])));
+      store8(out + r * ldo + d, _mm256_mul_ps(_mm256_loadu_ps(sums + r * D + d), _mm256_set1_ps(inv[r])));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -694,7 +702,8 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 // query [B, H, S, D]; key, value [B, H, L, D], each row of D contiguous (a view of the KV cache); attn_mask
 // bool (True attends), [B, H, S, L] or any of those 1, or none -> [B, H, S, D], query's dtype. Work is split among
-// PyTorch's threads by batch row, head and ATTEND_ROWS query rows.
+// PyTorch's threads by batch row, head and ATTEND_ROWS query rows, and, where those do not divide among the
+// threads, by parts of the keys.
 at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const std::optional<at::Tensor>& attn_mask, double scale) {
   const at::Tensor q = query.contiguous();
@@ -720,25 +729,68 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   }
   at::Tensor out = at::empty_like(q);
   // units of work: a batch row, a head and up to ATTEND_ROWS of its query rows (with grouped-query attention,
-  // the query heads that share this key/value head: model.py stacks them as rows)
-  const int64_t chunks = (S + ATTEND_ROWS - 1) / ATTEND_ROWS;
+  // the query heads that share this key/value head: model.py stacks them as rows). Where they do not divide
+  // among the threads (a batch-1 step of a model with three key/value heads, on two threads), each unit's
+  // keys are split into parts, up to one per thread, scored apart and combined by their softmax's sums: the
+  // threads then share every head's work rather than one waiting while another takes two heads.
+  const int64_t chunks = (S + ATTEND_ROWS - 1) / ATTEND_ROWS, units = B * H * chunks;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts =
+      units % threads ? std::clamp<int64_t>(std::min(L / ATTEND_PART_KEYS, threads), 1, ATTEND_MAX_PARTS) : 1;
+  // each part's rows (normalized over its keys) in float32, and each row's largest score and exponentials' sum
+  std::vector<float> partial(parts > 1 ? units * parts * ATTEND_ROWS * (D + 2) : 0);
+  float* part_stats = partial.data() + units * parts * ATTEND_ROWS * D;
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units * parts, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> buffer;  // the scores, and the query rows' then the outputs' floats
       buffer.resize(ATTEND_ROWS * (L + D));
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / (H * chunks), h = i / chunks % H, s = i % chunks * ATTEND_ROWS;
+        const int64_t unit = i / parts, part = i % parts;
+        const int64_t b = unit / (H * chunks), h = unit / chunks % H, s = unit % chunks * ATTEND_ROWS;
         const int64_t rows = std::min<int64_t>(S - s, ATTEND_ROWS), first = (b * H + h) * S + s;
+        // this part's keys, lo to hi, from a multiple of 8 on
+        auto start = [&](int64_t p) { return p == parts ? L : L * p / parts / 8 * 8; };
+        const int64_t lo = start(part), hi = start(part + 1);
         const bool* row_masks[ATTEND_ROWS];
-        for (int64_t r = 0; r < rows && mask; ++r) row_masks[r] = mask + b * mb + h * mh + (s + r) * ms;
+        for (int64_t r = 0; r < rows && mask; ++r) row_masks[r] = mask + b * mb + h * mh + (s + r) * ms + lo * ml;
         as_constant<ATTEND_ROWS>(rows, [&](auto R) {
-          attend<decltype(R)::value>(qp + first * D, D, kp + b * key.stride(0) + h * key.stride(1),
-                                     vp + b * value.stride(0) + h * value.stride(1), L, D, key.stride(2),
-                                     value.stride(2), mask ? row_masks : nullptr, ml, static_cast<float>(scale),
-                                     op + first * D, buffer.data(), buffer.data() + ATTEND_ROWS * L);
+          const auto* k = kp + b * key.stride(0) + h * key.stride(1) + lo * key.stride(2);
+          const auto* v = vp + b * value.stride(0) + h * value.stride(1) + lo * value.stride(2);
+          auto attend_to = [&](auto* o, int64_t ldo, float* stats) {
+            attend<decltype(R)::value>(qp + first * D, D, k, v, hi - lo, D, key.stride(2), value.stride(2),
+                                       mask ? row_masks : nullptr, ml, static_cast<float>(scale), o, ldo, stats,
+                                       buffer.data(), buffer.data() + ATTEND_ROWS * L);
+          };
+          if (parts == 1)
+            attend_to(op + first * D, D, nullptr);
+          else
+            attend_to(partial.data() + i * ATTEND_ROWS * D, D, part_stats + i * ATTEND_ROWS * 2);
         });
       }
     });
+    // the parts of each row, weighted by their sums of exponentials relative to the row's largest score
+    for (int64_t unit = 0; unit < units && parts > 1; ++unit) {
+      const int64_t b = unit / (H * chunks), h = unit / chunks % H, s = unit % chunks * ATTEND_ROWS;
+      for (int64_t r = 0; r < std::min<int64_t>(S - s, ATTEND_ROWS); ++r) {
+        const float* stats = part_stats + unit * parts * ATTEND_ROWS * 2 + 2 * r;
+        float top = -INFINITY, total = 0.f;
+        for (int64_t part = 0; part < parts; ++part) top = std::max(top, stats[part * ATTEND_ROWS * 2]);
+        float weights[ATTEND_MAX_PARTS];
+        for (int64_t part = 0; part < parts; ++part) {
+          const float sum = stats[part * ATTEND_ROWS * 2 + 1];
+          total += weights[part] = sum > 0.f ? sum * std::exp(stats[part * ATTEND_ROWS * 2] - top) : 0.f;
+        }
+        const __m256 inv = _mm256_set1_ps(total > 0.f ? 1.f / total : 0.f);
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t part = 0; part < parts; ++part) {
+            const float* rows = partial.data() + ((unit * parts + part) * ATTEND_ROWS + r) * D;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[part]), _mm256_loadu_ps(rows + d), acc);
+          }
+          store8(op + ((b * H + h) * S + s + r) * D + d, _mm256_mul_ps(acc, inv));
+        }
+      }
+    }
   };
   switch (q.scalar_type()) {
     case at::kFloat:

@@ -278,6 +278,21 @@ def test_few_query_attention_equals_sdpa(dtype):
         ours = torch.ops.nimblelm.few_query_attention(q, k, v, m, 16 ** -0.5)
         expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m)
         torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
+    if not kernels:
+        return
+    # a batch-1 step's three heads on two threads: the keys go in parts, combined by their softmax's sums; the
+    # first query row sees only the first part's keys, so the second part has nothing to attend to there
+    q, cache = q[:1, :, :3], torch.randn(1, 3, 300, 32, generator=g).to(dtype)
+    k, v = cache[..., :16], cache[..., 16:]
+    mask = (torch.arange(300) <= torch.tensor([40, 200, 299])[:, None]).expand(1, 1, 3, 300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ours = torch.ops.nimblelm.few_query_attention(q, k, v, mask, 16 ** -0.5)
+    finally:
+        torch.set_num_threads(threads)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", [True, False])
