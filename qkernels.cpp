@@ -739,7 +739,7 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
       units % threads ? std::clamp<int64_t>(std::min(L / ATTEND_PART_KEYS, threads), 1, ATTEND_MAX_PARTS) : 1;
   // each part's rows (normalized over its keys) in float32, and each row's largest score and exponentials' sum
   std::vector<float> partial(parts > 1 ? units * parts * ATTEND_ROWS * (D + 2) : 0);
-  float* part_stats = partial.data() + units * parts * ATTEND_ROWS * D;
+  float* part_stats = parts > 1 ? partial.data() + units * parts * ATTEND_ROWS * D : nullptr;
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
     at::parallel_for(0, units * parts, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> buffer;  // the scores, and the query rows' then the outputs' floats
@@ -784,8 +784,8 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
         for (int64_t d = 0; d < D; d += 8) {
           __m256 acc = _mm256_setzero_ps();
           for (int64_t part = 0; part < parts; ++part) {
-            const float* rows = partial.data() + ((unit * parts + part) * ATTEND_ROWS + r) * D;
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[part]), _mm256_loadu_ps(rows + d), acc);
+            const float* part_out = partial.data() + ((unit * parts + part) * ATTEND_ROWS + r) * D;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[part]), _mm256_loadu_ps(part_out + d), acc);
           }
           store8(op + ((b * H + h) * S + s + r) * D + d, _mm256_mul_ps(acc, inv));
         }
