@@ -18,7 +18,8 @@
 // PyTorch has no int4 x int8 product on the CPU, and its int8 ones run several times below the memory's
 // speed for a decode step's few rows (BENCHMARKS.md), which is what this file is for. The integer dot
 // products are AVX2's (maddubs: unsigned x signed bytes to pairs of int16, no overflow for these ranges),
-// or VNNI's where the compiler targets it. qlinear.py builds this file once per machine (for its CPU,
+// or VNNI's where the compiler targets it; with AVX-512 and VNNI, the products make sixteen outputs at once
+// in 512-bit vectors (q4_output16; for several rows, int8 too: q8_outputs16). qlinear.py builds this file once per machine (for its CPU,
 // -march=native) and registers the products as torch ops, which compiled graphs call as they are.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -46,9 +47,14 @@ namespace {
 constexpr int64_t QK = 32;  // inputs per block
 constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: their sums stay in registers
 // bytes ahead in a weight row to ask the memory for: one core alone keeps too few reads in flight to
-// reach the memory's speed. 2 KiB, measured: bfloat16 and float16 rows took a fifth to a third longer at
-// 1 KiB (and longer at 3 and 6), int8 ones about a twentieth; int4 ones within a few percent from 1 to 3 KiB.
-constexpr int PREFETCH = 2048;
+// reach the memory's speed. The best distance differs by CPU, so qlinear.py's build sets it (BENCHMARKS.md):
+// on an AMD EPYC, 2 KiB (bfloat16 and float16 rows took a fifth to a third longer at 1 KiB, and longer at
+// 3 and 6; int8 ones about a twentieth; int4 ones within a few percent from 1 to 3 KiB); on an Intel Xeon
+// (Ice Lake), 8 KiB (a decode step's int8 and int4 products 5-14% faster than at 2 KiB, bfloat16's 5%).
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+constexpr int PREFETCH = PREFETCH_BYTES;
 constexpr int Q4_OUTPUTS = 8;  // int4 outputs made at once, one per lane
 constexpr int64_t Q4_VALUE_BYTES = Q4_OUTPUTS * QK / 2, Q4_BLOCK_BYTES = Q4_VALUE_BYTES + Q4_OUTPUTS * 4;
 
@@ -97,6 +103,39 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// AVX-512's sixteen lanes: products of sixteen outputs at once, and eight rows in a pass (32 vector registers)
+#define HAVE_AVX512 1
+constexpr int WIDE_ROWS = 8;
+// 32 bytes at a in lanes 0-7, 32 bytes at b in lanes 8-15
+inline __m512i join32(const void* a, const void* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+// 8 float16 at a, then 8 at b, as 16 floats
+inline __m512 join_half8(const void* a, const void* b) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+}
+// the 4 bytes at p in every 32-bit lane
+// (read as an int32 that may alias anything and lie anywhere, so that the compiler can make the read part of the
+// instruction that uses it: a broadcast from memory, where a copy through a general register costs a vector op)
+typedef int32_t __attribute__((may_alias, aligned(1))) any_int32;
+inline __m512i broadcast4_512(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const any_int32*>(p)); }
+
+// sixteen outputs' sums over a block of 32 inputs: v[j] holds, in lane r, output r's 4 unsigned weights for
+// inputs 4j..4j + 3; qb the block's 32 signed inputs. In two chains, so that each addition waits less.
+inline __m512i dot16(const __m512i* v, const int8_t* qb) {
+  __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+  for (int j = 0; j < 8; j += 2) {
+    even = _mm512_dpbusd_epi32(even, v[j], broadcast4_512(qb + 4 * j));
+    odd = _mm512_dpbusd_epi32(odd, v[j + 1], broadcast4_512(qb + 4 * j + 4));
+  }
+  return _mm512_add_epi32(even, odd);
+}
+#endif
 
 // f(std::integral_constant<int, value>()) for a value from 1 to MAX known only at run time: the kernels take
 // their rows, or vectors, as constants, so that their sums are arrays the compiler keeps in registers
@@ -302,6 +341,95 @@ void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* s
     }
   }
 }
+
+#ifdef HAVE_AVX512
+// Sixteen int4 outputs for R rows: the eight outputs' blocks of two groups side by side (w0, w1: the same
+// block b of groups g and g + 1), q4_block's arithmetic in vectors twice as wide.
+template <int R>
+inline void q4_block16(const uint8_t* w0, const uint8_t* w1, const int8_t* q, const float* d, const float* sums,
+                       int64_t K, int64_t nb, int64_t b, __m512* acc, __m512* offsets) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i v[8];
+  for (int j = 0; j < 4; ++j) {
+    const __m512i bytes = join32(w0 + 32 * j, w1 + 32 * j);
+    v[j] = _mm512_and_si512(bytes, low);
+    v[j + 4] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+  }
+  const __m512 s16 = join_half8(w0 + Q4_VALUE_BYTES, w1 + Q4_VALUE_BYTES);
+  const __m512 o16 = join_half8(w0 + Q4_VALUE_BYTES + 2 * Q4_OUTPUTS, w1 + Q4_VALUE_BYTES + 2 * Q4_OUTPUTS);
+  for (int r = 0; r < R; ++r) {
+    const __m512i dot = dot16(v, q + r * K + b * QK);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_set1_ps(d[r * nb + b])), acc[r]);
+    if constexpr (R <= 2)
+      offsets[r] = _mm512_fmadd_ps(o16, _mm512_set1_ps(sums[r * nb + b]), offsets[r]);
+    else
+      acc[r] = _mm512_fmadd_ps(o16, _mm512_set1_ps(sums[r * nb + b]), acc[r]);
+  }
+}
+
+// Sixteen outputs (groups g and g + 1, w their first) for R rows
+template <int R>
+void q4_output16(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K, int64_t nb, float* y,
+                 int64_t ldy) {
+  __m512 acc[R], offsets[R];
+  for (int r = 0; r < R; ++r) acc[r] = offsets[r] = _mm512_setzero_ps();
+  const uint8_t* w1 = w + nb * Q4_BLOCK_BYTES;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (const uint8_t* g : {w, w1}) {
+      const char* ahead = reinterpret_cast<const char*>(g + b * Q4_BLOCK_BYTES + PREFETCH);
+      for (int line = 0; line < Q4_BLOCK_BYTES; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    q4_block16<R>(w + b * Q4_BLOCK_BYTES, w1 + b * Q4_BLOCK_BYTES, q, d, sums, K, nb, b, acc, offsets);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(acc[r], offsets[r]));
+}
+
+// Sixteen int8 outputs for R rows, from the weight as stored: each block of the sixteen outputs' rows is
+// transposed in registers (q8_outputs8's layout, lanes 0-7 outputs n..n + 7 and 8-15 n + 8..n + 15) and
+// made unsigned (w + 128), so that VNNI multiplies it with the row's signed inputs broadcast, as int4's
+// blocks. The 128 * sum(q) that this adds to every output is taken away once, at the end: sums holds each
+// block's d * sum(q), so the whole row's is one number.
+template <int R>
+void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const float* d, const float* sums, int64_t K,
+                  int64_t nb, float* y, int64_t ldy) {
+  const __m512i lo_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i hi_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(w + 16 * K);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int line = 0; line < 16 * QK; line += 64) _mm_prefetch(next + b * 16 * QK + line, _MM_HINT_T0);
+    // v[r]: output r's block in lanes 0-7, output r + 8's in lanes 8-15; then transposed within each half
+    // (transpose_8x8's steps, whose last one here interleaves 128-bit lanes of two vectors)
+    __m512i v[8], t[8], u[8];
+    for (int r = 0; r < 8; ++r) v[r] = join32(w + r * K + b * QK, w + (r + 8) * K + b * QK);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+      u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+      u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+      u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm512_xor_si512(_mm512_permutex2var_epi64(u[j], lo_lanes, u[j + 4]), flip);
+      v[j + 4] = _mm512_xor_si512(_mm512_permutex2var_epi64(u[j], hi_lanes, u[j + 4]), flip);
+    }
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot16(v, q + r * K + b * QK)), _mm512_set1_ps(d[r * nb + b]), acc[r]);
+    }
+  }
+  const __m512 s16 = _mm512_loadu_ps(scale);
+  for (int r = 0; r < R; ++r) {
+    float total = 0.f;
+    for (int64_t b = 0; b < nb; ++b) total += sums[r * nb + b];
+    _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(_mm512_sub_ps(acc[r], _mm512_set1_ps(128.f * total)), s16));
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // O outputs for R rows of a bfloat16 or float16 weight: each 8 weights convert to float32 in registers and
@@ -600,13 +728,26 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 &&
                   weight.size(1) == K, "weight: a contiguous [N, K] int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N, "scales: [N] float32");
-  const Activations a = quantize(x, false);
+#ifdef HAVE_AVX512
+  const bool wide = x.size(0) > 1;  // sixteen outputs at once (q8_outputs16), which need the rows' sums
+#else
+  const bool wide = false;
+#endif
+  const Activations a = quantize(x, wide);
   const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q;
   const float *sc = scales.data_ptr<float>(), *d = a.d;
   auto outputs = [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
   };
-#ifndef HAVE_VNNI  // (VNNI's one instruction leaves less to save, and was not measured)
+#ifdef HAVE_AVX512
+  if (wide)
+    return product<WIDE_ROWS, 16>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      if (n + 16 <= N)
+        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.sums + m * a.nb, K, a.nb, y, ldy);
+      else  // the last outputs, fewer than sixteen
+        for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
+    });
+#elif !defined(HAVE_VNNI)  // (VNNI's one instruction leaves less to save, and was not measured with 256-bit vectors)
   if (x.size(0) > 1)
     return product<MAX_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       if (n + 8 <= N)
@@ -629,10 +770,21 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const int8_t* q = a.q;
   const float *d = a.d, *sums = a.sums;
-  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+  // eight outputs from n on (the last eight of a layer may be fewer), for R rows from m on
+  auto outputs = [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q4_output<decltype(R)::value>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K,
                                   nb, y, ldy, static_cast<int>(std::min<int64_t>(N - n, Q4_OUTPUTS)));
+  };
+#ifdef HAVE_AVX512
+  return product<WIDE_ROWS, 2 * Q4_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+    if (n + 2 * Q4_OUTPUTS <= N)
+      return q4_output16<decltype(R)::value>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb,
+                                             sums + m * nb, K, nb, y, ldy);
+    for (int64_t i = 0; n + i < N; i += Q4_OUTPUTS) outputs(R, n + i, m, y + i, ldy);  // the last, fewer than 16
   });
+#else
+  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, outputs);
+#endif
 }
 
 // The int4 product's layout (top of this file) from our stored one: weight [N, K / 2] bytes, even input

@@ -67,6 +67,10 @@ KERNEL_DTYPE = torch.bfloat16
 # 256 (BENCHMARKS.md). Beyond these many rows, the dequantized weight and cuBLAS's product take over; where
 # between 64 and 256 rows that starts to pay has not been measured.
 CUDA_INT4_FUSED_MAX_ROWS = 64
+# How far ahead in a weight qkernels.cpp's products ask the memory for, in bytes, by CPU vendor: what measured
+# best on the Intel Xeon (Ice Lake) and the AMD EPYCs these were tuned on (BENCHMARKS.md); others take AMD's.
+PREFETCH_BYTES = {"GenuineIntel": 8192}
+PREFETCH_BYTES_DEFAULT = 2048
 
 
 class Int8Linear(nn.Module):
@@ -386,18 +390,19 @@ def cpu_kernels() -> float:
     (q8_linear, q4_linear, half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass),
     once a process; return up to how many rows the products should run
     (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
-    under a name that holds a digest of the CPU's features, so a machine builds it once, and a home shared
+    under a name that holds a digest of the CPU's features and the build's flags, so a machine builds it once, and a home shared
     by machines of different CPUs never runs one CPU's build on another. 0, with one line on stderr, where
     it cannot be built (no C++ compiler, no AVX2): the layers then use PyTorch's kernels."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return 0
     features = cpu_features()
-    name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features)).encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-fopenmp",
+             f"-DPREFETCH_BYTES={PREFETCH_BYTES.get(cpu_vendor(), PREFETCH_BYTES_DEFAULT)}"]
+    name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features) + flags).encode()).hexdigest()[:16]
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
     try:
         from torch.utils import cpp_extension
-        library = cpp_extension.load(name, [source], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                     is_python_module=False)
+        library = cpp_extension.load(name, [source], extra_cflags=flags, is_python_module=False)
         # its symbols made global, so that compiled steps link to its C entry points (C_SHIMS) as they load
         ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except Exception as e:  # the compiler's own report is long; its first line says which step failed
@@ -448,6 +453,16 @@ def cpu_features() -> frozenset:
             return frozenset(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
     except OSError:
         return frozenset(platform.processor().split())
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD), or "" where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[-1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def prepare(model: nn.Module):
