@@ -18,9 +18,10 @@
 // PyTorch has no int4 x int8 product on the CPU, and its int8 ones run several times below the memory's
 // speed for a decode step's few rows (BENCHMARKS.md), which is what this file is for. The integer dot
 // products are AVX2's (maddubs: unsigned x signed bytes to pairs of int16, no overflow for these ranges),
-// or VNNI's where the compiler targets it; with AVX-512 and VNNI, the products make sixteen outputs at once
-// in 512-bit vectors (q4_output16; for several rows, int8 too: q8_outputs16). qlinear.py builds this file once per machine (for its CPU,
-// -march=native) and registers the products as torch ops, which compiled graphs call as they are.
+// or VNNI's where the compiler targets it; with AVX-512 and VNNI, the products make sixteen outputs at
+// once in 512-bit vectors (q4_output16; for several rows, int8 too: q8_outputs16). qlinear.py builds this
+// file once per machine (for its CPU, -march=native) and registers the products as torch ops, which
+// compiled graphs call as they are.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -384,6 +385,28 @@ void q4_output16(const uint8_t* w, const int8_t* q, const float* d, const float*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(acc[r], offsets[r]));
 }
 
+// transpose_8x8 in each half of 16 lanes: v[r] lane j -> v[j] lane r, and v[r] lane 8 + j -> v[j] lane 8 + r.
+// The same steps, whose last one here interleaves the 128-bit lanes of two vectors (vpermt2q).
+inline void transpose_16x8(__m512i* v) {
+  const __m512i low_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i high_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  __m512i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm512_permutex2var_epi64(u[j], low_lanes, u[j + 4]);
+    v[j + 4] = _mm512_permutex2var_epi64(u[j], high_lanes, u[j + 4]);
+  }
+}
+
 // Sixteen int8 outputs for R rows, from the weight as stored: each block of the sixteen outputs' rows is
 // transposed in registers (q8_outputs8's layout, lanes 0-7 outputs n..n + 7 and 8-15 n + 8..n + 15) and
 // made unsigned (w + 128), so that VNNI multiplies it with the row's signed inputs broadcast, as int4's
@@ -392,35 +415,19 @@ void q4_output16(const uint8_t* w, const int8_t* q, const float* d, const float*
 template <int R>
 void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const float* d, const float* sums, int64_t K,
                   int64_t nb, float* y, int64_t ldy) {
-  const __m512i lo_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-  const __m512i hi_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const char* next = reinterpret_cast<const char*>(w + 16 * K);
   for (int64_t b = 0; b < nb; ++b) {
     for (int line = 0; line < 16 * QK; line += 64) _mm_prefetch(next + b * 16 * QK + line, _MM_HINT_T0);
-    // v[r]: output r's block in lanes 0-7, output r + 8's in lanes 8-15; then transposed within each half
-    // (transpose_8x8's steps, whose last one here interleaves 128-bit lanes of two vectors)
-    __m512i v[8], t[8], u[8];
+    // v[r]: output r's block in lanes 0-7, output r + 8's in lanes 8-15
+    __m512i v[8];
     for (int r = 0; r < 8; ++r) v[r] = join32(w + r * K + b * QK, w + (r + 8) * K + b * QK);
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-      t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-      u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-      u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-      u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm512_xor_si512(_mm512_permutex2var_epi64(u[j], lo_lanes, u[j + 4]), flip);
-      v[j + 4] = _mm512_xor_si512(_mm512_permutex2var_epi64(u[j], hi_lanes, u[j + 4]), flip);
-    }
-    for (int r = 0; r < R; ++r) {
+    transpose_16x8(v);
+    for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(v[j], flip);
+    for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot16(v, q + r * K + b * QK)), _mm512_set1_ps(d[r * nb + b]), acc[r]);
-    }
   }
   const __m512 s16 = _mm512_loadu_ps(scale);
   for (int r = 0; r < R; ++r) {
@@ -743,7 +750,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   if (wide)
     return product<WIDE_ROWS, 16>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       if (n + 16 <= N)
-        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.sums + m * a.nb, K, a.nb, y, ldy);
+        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.sums + m * a.nb, K, a.nb, y,
+                                         ldy);
       else  // the last outputs, fewer than sixteen
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
     });
