@@ -120,9 +120,8 @@ inline __m512 join_half8(const void* a, const void* b) {
   const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
   return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
 }
-// the 4 bytes at p in every 32-bit lane
-// (read as an int32 that may alias anything and lie anywhere, so that the compiler can make the read part of the
-// instruction that uses it: a broadcast from memory, where a copy through a general register costs a vector op)
+// the 4 bytes at p in every 32-bit lane, read as an int32 that may alias anything and lie anywhere, so that
+// the compiler makes the read part of the broadcast (a load; through a general register it costs a vector op)
 typedef int32_t __attribute__((may_alias, aligned(1))) any_int32;
 inline __m512i broadcast4_512(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const any_int32*>(p)); }
 
@@ -426,8 +425,10 @@ void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const fl
     for (int r = 0; r < 8; ++r) v[r] = join32(w + r * K + b * QK, w + (r + 8) * K + b * QK);
     transpose_16x8(v);
     for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(v[j], flip);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot16(v, q + r * K + b * QK)), _mm512_set1_ps(d[r * nb + b]), acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m512i dot = dot16(v, q + r * K + b * QK);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d[r * nb + b]), acc[r]);
+    }
   }
   const __m512 s16 = _mm512_loadu_ps(scale);
   for (int r = 0; r < R; ++r) {

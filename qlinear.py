@@ -391,8 +391,9 @@ def cpu_kernels() -> float:
     once a process; return up to how many rows the products should run
     (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
     under a name that holds a digest of the CPU's features and the build's flags, so a machine builds it
-    once, and a home shared by machines of different CPUs never runs one CPU's build on another. 0, with one line on stderr, where
-    it cannot be built (no C++ compiler, no AVX2): the layers then use PyTorch's kernels."""
+    once, and a home shared by machines of different CPUs never runs one CPU's build on another. 0, with
+    one line on stderr, where it cannot be built (no C++ compiler, no AVX2): the layers then use PyTorch's
+    kernels."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return 0
     features = cpu_features()
