@@ -409,11 +409,11 @@ inline void transpose_16x8(__m512i* v) {
 // Sixteen int8 outputs for R rows, from the weight as stored: each block of the sixteen outputs' rows is
 // transposed in registers (q8_outputs8's layout, lanes 0-7 outputs n..n + 7 and 8-15 n + 8..n + 15) and
 // made unsigned (w + 128), so that VNNI multiplies it with the row's signed inputs broadcast, as int4's
-// blocks. The 128 * sum(q) that this adds to every output is taken away once, at the end: sums holds each
-// block's d * sum(q), so the whole row's is one number.
+// blocks. The 128 * sum(q) that this adds to every output is taken away once, at the end: totals holds
+// each row's sum over its blocks of d * sum(q).
 template <int R>
-void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const float* d, const float* sums, int64_t K,
-                  int64_t nb, float* y, int64_t ldy) {
+void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const float* d, const float* totals,
+                  int64_t K, int64_t nb, float* y, int64_t ldy) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -431,11 +431,8 @@ void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const fl
     }
   }
   const __m512 s16 = _mm512_loadu_ps(scale);
-  for (int r = 0; r < R; ++r) {
-    float total = 0.f;
-    for (int64_t b = 0; b < nb; ++b) total += sums[r * nb + b];
-    _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(_mm512_sub_ps(acc[r], _mm512_set1_ps(128.f * total)), s16));
-  }
+  for (int r = 0; r < R; ++r)
+    _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(_mm512_sub_ps(acc[r], _mm512_set1_ps(128.f * totals[r])), s16));
 }
 #endif
 
@@ -748,14 +745,18 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
     q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
   };
 #ifdef HAVE_AVX512
-  if (wide)
+  if (wide) {
+    std::vector<float> totals(x.size(0), 0.f);  // each row's sum of d * sum(q) over its blocks, once a call
+    for (int64_t m = 0; m < x.size(0); ++m)
+      for (int64_t b = 0; b < a.nb; ++b) totals[m] += a.sums[m * a.nb + b];
     return product<WIDE_ROWS, 16>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       if (n + 16 <= N)
-        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.sums + m * a.nb, K, a.nb, y,
+        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, totals.data() + m, K, a.nb, y,
                                          ldy);
       else  // the last outputs, fewer than sixteen
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
     });
+  }
 #elif !defined(HAVE_VNNI)  // (VNNI's one instruction leaves less to save, and was not measured with 256-bit vectors)
   if (x.size(0) > 1)
     return product<MAX_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {

@@ -40,6 +40,7 @@ import hashlib
 import os
 import platform
 import sys
+from typing import Optional
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -446,24 +447,27 @@ C_SHIMS = {
 
 
 @functools.cache
-def cpu_features() -> frozenset:
-    """The CPU's instruction-set flags as Linux names them (avx2, avx512_vnni, ...); on other systems,
-    the words of platform.processor()."""
+def cpuinfo(field: str) -> Optional[str]:
+    """The first value of `field` in Linux's /proc/cpuinfo ("" where no line has it), or None where that
+    cannot be read (another system)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+            return next((line.split(":", 1)[-1].strip() for line in f if line.startswith(field)), "")
     except OSError:
-        return frozenset(platform.processor().split())
+        return None
 
 
 @functools.cache
+def cpu_features() -> frozenset:
+    """The CPU's instruction-set flags as Linux names them (avx2, avx512_vnni, ...); on other systems,
+    the words of platform.processor()."""
+    flags = cpuinfo("flags")
+    return frozenset((platform.processor() if flags is None else flags).split())
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD), or "" where that cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[-1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+    return cpuinfo("vendor_id") or ""
 
 
 def prepare(model: nn.Module):
