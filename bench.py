@@ -17,17 +17,19 @@ Where `llama-cpp-python` is installed (an optional extra: `pip install llama-cpp
 from source), llama.cpp runs in the same rounds on GGUFs of the same weights at the formats nearest ours:
 BF16 (for float weights), Q8_0 (int8) and Q4_0 (int4). When the first checkpoint is the default model's
 (its quantized copies may follow), these are requantized by llama.cpp from the model's published GGUF,
-once; for other checkpoints give them with --gguf. The ratios printed last are of medians from the same
-rounds: each of our rows against our bfloat16, against llama.cpp's nearest format, and batch N against
-batch 1.
+once; for other checkpoints give them with --gguf. The ratios printed last: each of our rows against our
+bfloat16, against llama.cpp's nearest format, and batch N against batch 1.
 
 Shared machines drift by tens of percent within minutes, so with --repeat N the whole matrix runs N times,
-one round after the other, and each row reports its median (and the range): every configuration sees the
-same drift, and their ratios hold where single timings do not.
+one round after the other, and each row reports its median (and the range). Each ratio is the median of
+the rounds' own ratios, both sides measured in the same round (with its range over the rounds), and the
+rounds go through the configurations in alternate directions, so that a drift within a round weighs on the
+first and the last alike: ratios then hold where single timings do not.
 """
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -297,7 +299,7 @@ def main(argv=None):
     for round_ in range(a.repeat):
         if a.repeat > 1:
             print(f"round {round_ + 1} of {a.repeat}", flush=True)
-        for c in configs:
+        for c in configs if round_ % 2 == 0 else configs[::-1]:
             engine, checkpoint, dtype, compiled, batch, _ = c
             if engine == "llama.cpp":
                 r = run_llama_cpp(checkpoint, a.max_new_tokens, prefill_prompt or PROMPT)
@@ -318,10 +320,12 @@ def main(argv=None):
     for (engine, checkpoint, dtype, compiled, batch, weight_mb), results in runs.items():
         if not results:
             continue  # no baseline for this model
-        results.sort(key=lambda r: r["steps_s"])
+        rounds = {"round_tok_s": [r["tok_s"] for r in results],  # in the rounds' order, for the ratios
+                  "round_prefill_tok_s": [r.get("prefill_tok_s") for r in results]}
+        results = sorted(results, key=lambda r: r["steps_s"])
         row = dict(results[len(results) // 2], weight_mb=weight_mb, dtype=dtype, compiled=compiled, engine=engine,
-                   batch=batch, weights=scheme[checkpoint] or dtype,
-                   checkpoint=checkpoint, tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]])
+                   batch=batch, weights=scheme[checkpoint] or dtype, checkpoint=checkpoint,
+                   tok_s_range=[results[0]["tok_s"], results[-1]["tok_s"]], **rounds)
         prefills = sorted(r["prefill_tok_s"] for r in results if r.get("prefill_tok_s"))
         row["prefill_tok_s"] = prefills[len(prefills) // 2] if prefills else None
         row["bandwidth_gb_s"] = row["steps_s"] * weight_mb / 1e3
@@ -372,9 +376,15 @@ def print_table(rows, with_range):
               f"{r['ttft_s'] * 1e3:>9.0f}{prefill:>9}{peak:>9}{r['compile_s']:>11.1f}", flush=True)
 
 
+def paired(ours: list, other: list) -> list:
+    """The ratios of two rows' figures round by round, where both have one."""
+    return [a / b for a, b in zip(ours, other) if a and b]
+
+
 def print_ratios(rows) -> list:
     """Each of our rows against our bfloat16 (same compile and batch), against llama.cpp's nearest format
-    (batch 1), and batch N against batch 1: decode tok/s, and prefill where both have it."""
+    (batch 1), and batch N against batch 1: decode tok/s, and prefill where both have it; the median of the
+    rounds' ratios, and their range."""
     ours = {(r["weights"], r["dtype"], r["compiled"], r["batch"]): r for r in rows if r["engine"] == "nimblelm"}
     peers = {r["weights"]: r for r in rows if r["engine"] == "llama.cpp"}
     ratios = []
@@ -387,14 +397,17 @@ def print_ratios(rows) -> list:
         for against, other in pairs:
             if other is None:
                 continue
-            ratio = {"weights": weights, "dtype": dtype, "compiled": compiled, "batch": batch, "against": against,
-                     "decode": r["tok_s"] / other["tok_s"]}
-            if r["prefill_tok_s"] and other["prefill_tok_s"]:  # batch-1 rows have one
-                ratio["prefill"] = r["prefill_tok_s"] / other["prefill_tok_s"]
+            ratio = {"weights": weights, "dtype": dtype, "compiled": compiled, "batch": batch, "against": against}
+            said = []
+            for figure, key in (("decode", "round_tok_s"), ("prefill", "round_prefill_tok_s")):
+                each = paired(r[key], other[key])  # prefill: batch-1 rows have one
+                if each:
+                    ratio[figure], ratio[figure + "_range"] = statistics.median(each), [min(each), max(each)]
+                    spread = f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
+                    said.append(f"{figure} {ratio[figure]:.2f}x{spread}")
             ratios.append(ratio)
-            prefill = f", prefill {ratio['prefill']:.2f}x" if "prefill" in ratio else ""
-            print(f"{weights} {'compiled' if compiled else 'eager'} batch {batch} vs {against}: "
-                  f"decode {ratio['decode']:.2f}x{prefill}", flush=True)
+            print(f"{weights} {'compiled' if compiled else 'eager'} batch {batch} vs {against}: {', '.join(said)}",
+                  flush=True)
     return ratios
 
 
