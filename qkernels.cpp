@@ -1,7 +1,8 @@
 // The CPU kernels of a decode step: int8 x int8 and int4 x int8 products, in llama.cpp's scheme (Q8_0 x Q8_0,
 // Q4_1 x Q8_0) over our layers' own tensors; for CPUs without bfloat16 instructions, bfloat16 or float16
-// weights by float32 inputs (half_linear); and the attention of a decode step's few query rows
-// (few_query_attention, which decode.few_query_attention_pass puts in compiled steps).
+// weights by float32 inputs (half_linear); the attention of a decode step's few query rows
+// (few_query_attention, which decode.few_query_attention_pass puts in compiled steps); and the greedy
+// token (argmax, which sampling.argmax calls in compiled steps).
 //
 // Each product rounds its input rows to int8 in blocks of 32 (x ~ d * q, q in -127..127, one float scale d
 // per block), multiplies them by the weight's blocks in integers, and scales each block's sum in float:
@@ -34,10 +35,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "these kernels need AVX2, FMA and F16C"
@@ -177,22 +182,28 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums) {
 }
 
 // A step calls these ops a hundred times and more, each for a few rows: the rounded rows live in a buffer of
-// the calling thread's, kept from call to call, rather than in two or three new tensors per call.
+// the calling thread's, kept from call to call, rather than in two or three new tensors per call. The
+// product rounds them (rows()), its threads each their own share where there are several rows (product).
 struct Activations {
-  const int8_t* q;          // [M, K]
-  const float *d, *sums;    // [M, K / 32] each (sums: with_sums only)
-  int64_t nb;               // blocks per row
+  const float* x;            // [M, K], the rows to round
+  int8_t* q;                 // [M, K]
+  float *d, *sums, *totals;  // [M, K / 32] each, and [M] (sums and totals with_sums only; totals: sums' sum)
+  int64_t K, nb;             // inputs and blocks per row
+  void rows(int64_t begin, int64_t end) const {
+    for (int64_t m = begin; m < end; ++m) {
+      quantize_row(x + m * K, K, q + m * K, d + m * nb, sums ? sums + m * nb : nullptr);
+      if (sums) totals[m] = std::accumulate(sums + m * nb, sums + (m + 1) * nb, 0.f);
+    }
+  }
 };
 
-Activations quantize(const at::Tensor& x, bool with_sums) {
+Activations activations(const at::Tensor& x, bool with_sums) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  thread_local std::vector<float> buffer;  // the scales and sums, then the int8 values
-  buffer.resize(2 * M * nb + M * K / 4);
-  float *d = buffer.data(), *sums = d + M * nb;
-  int8_t* q = reinterpret_cast<int8_t*>(sums + M * nb);
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row(x.data_ptr<float>() + m * K, K, q + m * K, d + m * nb, with_sums ? sums + m * nb : nullptr);
-  return {q, d, sums, nb};
+  thread_local std::vector<float> buffer;  // the scales, sums and totals, then the int8 values
+  buffer.resize(2 * M * nb + M + M * K / 4);
+  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + M * nb;
+  int8_t* q = reinterpret_cast<int8_t*>(totals + M);
+  return {x.data_ptr<float>(), q, d, with_sums ? sums : nullptr, totals, K, nb};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -707,18 +718,39 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
 // The ops: outputs split among PyTorch's threads, WIDTH at a time (the int4 product's eight at once,
 // half_linear's two, or one); for each, the activation rows MAX_ROWS at a time (HALF_MAX_ROWS for
 // half_linear).
-
+//
+// With activations a, the rows are rounded first: by the calling thread for one row; for several, in the
+// same parallel region as the products, each thread its share of the rows, then a barrier. Rounding eight
+// rows on one thread left the other waiting a few microseconds at each of a step's hundred and more
+// products, and read half of the rows from the other core's cache, where the step's last loop (split by
+// rows as well) had written them (BENCHMARKS.md).
 template <int ROWS, int WIDTH = 1, typename Output>
-at::Tensor product(const at::Tensor& x, int64_t N, Output output) {
-  const int64_t M = x.size(0);
+at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activations* a = nullptr) {
+  const int64_t M = x.size(0), units = (N + WIDTH - 1) / WIDTH, grain = std::max(16 / WIDTH, 1);
   at::Tensor y = at::empty({M, N}, x.options());
   float* out = y.data_ptr<float>();
-  at::parallel_for(0, (N + WIDTH - 1) / WIDTH, std::max(16 / WIDTH, 1), [&](int64_t begin, int64_t end) {
+  auto outputs = [&](int64_t begin, int64_t end) {
     for (int64_t n = begin * WIDTH; n < std::min(end * WIDTH, N); n += WIDTH)
       for (int64_t m = 0; m < M; m += ROWS)
         // output(std::integral_constant<int, R>, n, ...) for the R rows from m on and the outputs from n on
         as_constant<ROWS>(std::min<int64_t>(M - m, ROWS), [&](auto R) { output(R, n, m, out + m * N + n, N); });
-  });
+  };
+#ifdef _OPENMP
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
+  if (a && M > 1 && threads > 1 && !at::in_parallel_region()) {
+#pragma omp parallel num_threads(threads)
+    {
+      // the outputs in at::parallel_for's shares: one run of units each
+      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads(), share = (units + n - 1) / n;
+      a->rows(M * t / n, M * (t + 1) / n);
+#pragma omp barrier
+      if (t * share < units) outputs(t * share, std::min(units, (t + 1) * share));
+    }
+    return y;
+  }
+#endif
+  if (a) a->rows(0, M);
+  at::parallel_for(0, units, grain, outputs);
   return y;
 }
 
@@ -738,25 +770,20 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
 #else
   const bool wide = false;
 #endif
-  const Activations a = quantize(x, wide);
+  const Activations a = activations(x, wide);
   const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q;
   const float *sc = scales.data_ptr<float>(), *d = a.d;
   auto outputs = [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
   };
 #ifdef HAVE_AVX512
-  if (wide) {
-    std::vector<float> totals(x.size(0), 0.f);  // each row's sum of d * sum(q) over its blocks, once a call
-    for (int64_t m = 0; m < x.size(0); ++m)
-      for (int64_t b = 0; b < a.nb; ++b) totals[m] += a.sums[m * a.nb + b];
+  if (wide)
     return product<WIDE_ROWS, 16>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       if (n + 16 <= N)
-        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, totals.data() + m, K, a.nb, y,
-                                         ldy);
+        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.totals + m, K, a.nb, y, ldy);
       else  // the last outputs, fewer than sixteen
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    });
-  }
+    }, &a);
 #elif !defined(HAVE_VNNI)  // (VNNI's one instruction leaves less to save, and was not measured with 256-bit vectors)
   if (x.size(0) > 1)
     return product<MAX_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
@@ -764,9 +791,9 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         q8_outputs8<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
       else  // the last outputs, fewer than eight
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    });
+    }, &a);
 #endif
-  return product<MAX_ROWS>(x, N, outputs);
+  return product<MAX_ROWS>(x, N, outputs, &a);
 }
 
 // weight: [ceil(N / 8), K / 32, 160] bytes, qlinear.pack_int4_for_kernel's layout (top of this file)
@@ -776,7 +803,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 3 &&
                   weight.size(0) == (N + Q4_OUTPUTS - 1) / Q4_OUTPUTS && weight.size(1) == nb &&
                   weight.size(2) == Q4_BLOCK_BYTES, "weight: a contiguous [ceil(N / 8), K / 32, 160] uint8");
-  const Activations a = quantize(x, true);
+  const Activations a = activations(x, true);
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const int8_t* q = a.q;
   const float *d = a.d, *sums = a.sums;
@@ -791,9 +818,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
       return q4_output16<decltype(R)::value>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb,
                                              sums + m * nb, K, nb, y, ldy);
     for (int64_t i = 0; n + i < N; i += Q4_OUTPUTS) outputs(R, n + i, m, y + i, ldy);  // the last, fewer than 16
-  });
+  }, &a);
 #else
-  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, outputs);
+  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, outputs, &a);
 #endif
 }
 
@@ -970,6 +997,67 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The greedy token: each row's first index of its largest value, as torch.argmax (where a NaN counts as
+// the largest). One pass: each of 32 lanes keeps the largest value it has seen and where, only a larger
+// one replacing it, so ties keep the first; then the lanes' largest value and, of the lanes that hold it,
+// the least index. (Inductor's own argmax carries one index through a loop of one value at a time; its
+// two vectorised passes, max then the least index that holds it, still spent a tenth of a millisecond
+// and more on eight rows of the default model's 49,152 logits: BENCHMARKS.md.)
+
+int64_t argmax_row(const float* x, int64_t V) {
+  constexpr int U = 4;  // vectors a pass, in independent chains
+  __m256 best[U], nan = _mm256_setzero_ps();
+  __m256i at[U], index[U];
+  for (int u = 0; u < U; ++u) {
+    best[u] = _mm256_set1_ps(-INFINITY);
+    at[u] = _mm256_setzero_si256();
+    index[u] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * u));
+  }
+  const __m256i step = _mm256_set1_epi32(8 * U);
+  int64_t v = 0;
+  for (; v + 8 * U <= V; v += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 x8 = _mm256_loadu_ps(x + v + 8 * u);
+      const __m256 larger = _mm256_cmp_ps(x8, best[u], _CMP_GT_OQ);
+      best[u] = _mm256_blendv_ps(best[u], x8, larger);
+      at[u] = _mm256_blendv_epi8(at[u], index[u], _mm256_castps_si256(larger));
+      index[u] = _mm256_add_epi32(index[u], step);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(x8, x8, _CMP_UNORD_Q));
+    }
+  float values[8 * U];
+  int32_t where[8 * U];
+  for (int u = 0; u < U; ++u) {
+    _mm256_storeu_ps(values + 8 * u, best[u]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(where + 8 * u), at[u]);
+  }
+  float top = -INFINITY;
+  int64_t first = 0;
+  for (int l = 0; l < 8 * U; ++l)
+    if (values[l] > top || (values[l] == top && where[l] < first)) top = values[l], first = where[l];
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t i = v; i < V; ++i) {  // the last values, fewer than a pass
+    if (x[i] > top) top = x[i], first = i;
+    any_nan |= std::isnan(x[i]);
+  }
+  if (any_nan) first = std::find_if(x, x + V, [](float f) { return std::isnan(f); }) - x;
+  return first;
+}
+
+// x [B, V] float32 -> [B] int64
+at::Tensor argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0 &&
+                  x.size(1) < (int64_t(1) << 31), "x: a contiguous [B, V] float32, 0 < V < 2^31");
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) o[b] = argmax_row(xp + b * V, V);
+  });
+  return out;
+}
+
 }  // namespace
 
 // C entry points of the ops, for the steps that decode.ExportedStep compiles (qlinear.C_SHIMS): the library
@@ -1001,6 +1089,9 @@ AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, AtenTe
     *ret0 = handle(few_query_attention(tensor(query), tensor(key), tensor(value), mask, scale));
   });
 }
+AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(argmax(tensor(x))); });
+}
 }
 
 TORCH_LIBRARY(nimblelm, m) {
@@ -1009,6 +1100,7 @@ TORCH_LIBRARY(nimblelm, m) {
   m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("q4_pack(Tensor weight, Tensor scales, Tensor offsets) -> Tensor");
   m.def("few_query_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
@@ -1017,4 +1109,5 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("half_linear", half_linear);
   m.impl("q4_pack", q4_pack);
   m.impl("few_query_attention", few_query_attention);
+  m.impl("argmax", argmax);
 }

@@ -388,7 +388,8 @@ def cast_floats(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 @functools.cache
 def cpu_kernels() -> float:
     """Build qkernels.cpp for this machine's CPU (-march=native) and register its ops as torch.ops.nimblelm
-    (q8_linear, q4_linear, half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass),
+    (q8_linear, q4_linear, half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass;
+    argmax, for sampling.argmax),
     once a process; return up to how many rows the products should run
     (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
     under a name that holds a digest of the CPU's features and the build's flags, so a machine builds it
@@ -428,6 +429,10 @@ def cpu_kernels() -> float:
     @torch.library.register_fake("nimblelm::few_query_attention")
     def _(query, key, value, attn_mask, scale):
         return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("nimblelm::argmax")
+    def _(x):
+        return x.new_empty(x.shape[0], dtype=torch.long)
     return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
 
 
@@ -443,6 +448,7 @@ C_SHIMS = {
     "few_query_attention": "AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, "
                            "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle* attn_mask, double scale, "
                            "AtenTensorHandle* ret0)",
+    "argmax": "AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0)",
 }
 
 

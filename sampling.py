@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from errors import UsageError
+from qlinear import cpu_kernels
 
 
 def check_number(options, name: str, integer: bool, low, low_ok: bool = True, high=None, high_ok: bool = True,
@@ -83,16 +84,25 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int]
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) for x [B, vocab] (the first index of each row's largest value). Compiled, in two
-    passes that Inductor makes vectorised loops of: the largest value, then the least index that holds it
-    (a row whose largest value is NaN gives the last index). Inductor's own argmax carries an index
-    through a loop of one value at a time, several times slower over the default model's vocabulary;
-    eager, PyTorch's kernel is as fast as the two passes or faster (BENCHMARKS.md)."""
+    """x.argmax(dim=-1) for x [B, vocab] (the first index of each row's largest value). Compiled for the
+    CPU, qkernels.cpp's one-pass kernel (where a NaN counts as the largest, as in torch.argmax); for other
+    devices, two passes that Inductor makes vectorised loops of: the largest value, then the least index
+    that holds it (a row whose largest value is NaN gives the last index). Inductor's own argmax carries an
+    index through a loop of one value at a time, several times slower over the default model's
+    vocabulary; eager, PyTorch's kernel is as fast as the two passes or faster (BENCHMARKS.md)."""
     if not torch.compiler.is_compiling():
         return x.argmax(dim=-1)
+    if x.device.type == "cpu" and x.dim() == 2 and cpu_argmax():
+        return torch.ops.nimblelm.argmax(x.float().contiguous())
     x = x.float()
     index = torch.arange(x.shape[-1], device=x.device)
     return torch.where(x == x.amax(dim=-1, keepdim=True), index, x.shape[-1] - 1).amin(dim=-1)
+
+
+@torch.compiler.assume_constant_result
+def cpu_argmax() -> bool:
+    """Whether qkernels.cpp is built, and its argmax there (what a compiled graph takes as a constant)."""
+    return bool(cpu_kernels())
 
 
 def sample_from(probs: torch.Tensor) -> torch.Tensor:

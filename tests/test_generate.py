@@ -99,7 +99,8 @@ def test_sampling_follows_the_distribution():
 
 def test_argmax_equals_torch_argmax_eager_and_compiled():
     """sampling.argmax (what greedy decoding and sampling use) against torch.argmax: the first of tied
-    maxima, rows all -inf, bfloat16 and float32 rows, eager and compiled."""
+    maxima, rows all -inf, bfloat16 and float32 rows, eager and compiled; on the CPU, its kernel's NaNs
+    and rows shorter than its vectors' pass or not a multiple of it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 1000, generator=g)
     x[1, [7, 300, 999]] = 9.0  # ties: the first wins
@@ -111,6 +112,10 @@ def test_argmax_equals_torch_argmax_eager_and_compiled():
         expected = rows.argmax(dim=-1)
         for fn in (argmax, compiled):
             assert torch.equal(fn(rows), expected)
+    if qlinear.cpu_kernels():  # compiled for the CPU, qkernels.cpp's kernel: a NaN counts as the largest
+        x[5, [40, 700]] = float("nan")
+        for rows in (x, x[:, :31], x[:, :999]):  # (its vectors take 32 values at a time)
+            assert torch.equal(torch.ops.nimblelm.argmax(rows.contiguous()), rows.argmax(dim=-1))
 
 
 def test_text_stream_holds_back_partial_characters_and_stop_strings():
