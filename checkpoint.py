@@ -176,7 +176,8 @@ class HugePages:
     kernel's transparent huge pages (2 MB; MADV_HUGEPAGE, where the system has them). A decode step reads
     every weight once, a few hundred tensors: with 4 KB pages each 4 KB of them takes its own address
     translation, and the hardware's prefetchers stop at each page's end. The default model's bfloat16 and
-    int8 steps took 3-12% less time with their weights in huge pages (BENCHMARKS.md). Tensors made here
+    int8 steps took 3-12% less time with their weights in huge pages, int4's about 3% with the weights that
+    qlinear.prepare repacks for its kernels there as well (BENCHMARKS.md). Tensors made here
     are views of the mapping, each at a multiple of 64 bytes (as PyTorch's own allocations are); it lives
     as long as any of them."""
 
@@ -208,6 +209,12 @@ class HugePages:
 
     def holds(self, t: torch.Tensor) -> bool:
         return 0 <= t.data_ptr() - self.memory.data_ptr() < len(self.map)
+
+    @classmethod
+    def copies(cls, tensors: list) -> list:
+        """Copies of tensors, in one new mapping."""
+        pages = cls(sum(cls.room(t.shape, t.dtype) for t in tensors))
+        return [pages.empty(t.shape, t.dtype).copy_(t) for t in tensors]
 
 
 def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
@@ -291,6 +298,14 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
     if tied and layout.first and layout.last:
         model.output.weight = model.tok_embeddings.weight
     qlinear.prepare(model)
+    if pages is not None:
+        # what prepare() made (int4's weights repacked for the kernels, which a step reads whole) in huge
+        # pages as well
+        made = [(m, name, t) for m in model.modules() if isinstance(m, (qlinear.Int8Linear, qlinear.Int4Linear))
+                for name, t in m.named_buffers(recurse=False)
+                if t is not None and t.device.type == "cpu" and not pages.holds(t)]
+        for (m, name, _), copy in zip(made, HugePages.copies([t for *_, t in made]) if made else []):
+            setattr(m, name, copy)
     if layout.tp > 1:
         tp.add_all_reduces(model, layout.tp_group)
     return model.eval().requires_grad_(False)
