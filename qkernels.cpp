@@ -513,6 +513,51 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
     }
 }
 
+
+#ifdef HAVE_AVX512
+// 16 numbers from p as floats: bfloat16 or float16
+template <typename T>
+inline __m512 load16(const T* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else
+    return _mm512_cvtph_ps(h);
+}
+
+// half_output for several rows in 512-bit vectors: several rows are bound by the multiply-adds, and these
+// do twice as many an instruction; with 32 registers, up to eight rows' sums of two outputs at once
+// (WIDE_ROWS). Prefetched as half_output's several rows are.
+template <int O, int R, typename W>
+void half_output16(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[O][R];
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) acc[o][r] = _mm512_setzero_ps();
+  auto step = [&](int64_t k) {
+    __m512 wv[O];
+    for (int o = 0; o < O; ++o) wv[o] = load16(w + o * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+      for (int o = 0; o < O; ++o) acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+    }
+  };
+  constexpr int64_t AHEAD_EVERY = 64 / sizeof(W);
+  const char* ahead = reinterpret_cast<const char*>(w + (O - 1) * K) + PREFETCH;
+  int64_t k = 0;
+  for (; k + AHEAD_EVERY <= K; k += AHEAD_EVERY) {
+    for (int o = 0; o < O; ++o) _mm_prefetch(ahead + (O * k + o * AHEAD_EVERY) * sizeof(W), _MM_HINT_T0);
+    for (int j = 0; j < AHEAD_EVERY; j += 16) step(k + j);
+  }
+  for (; k + 16 <= K; k += 16) step(k);
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) {
+      float sum = _mm512_reduce_add_ps(acc[o][r]);
+      for (int64_t i = k; i < K; ++i) sum += static_cast<float>(w[o * K + i]) * x[r * K + i];
+      y[r * ldy + o] = sum;
+    }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------------------
 // Attention of a few query rows (a decode or verify step) over a KV cache: for each batch row, head and
 // query row, the scores of every key, their softmax, and the weighted sum of the values, in float32. Inductor
@@ -876,6 +921,14 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
                   weight.dim() == 2 && weight.size(1) == K, "weight: a contiguous [N, K] bfloat16 or float16");
   const float* xp = x.data_ptr<float>();
   auto run = [&](auto* w) {
+#ifdef HAVE_AVX512
+    if (M > 1)
+      return product<WIDE_ROWS, HALF_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+        constexpr int rows = decltype(R)::value;
+        if (n + HALF_OUTPUTS <= N) return half_output16<HALF_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
+        half_output16<1, rows>(w + n * K, xp + m * K, K, y, ldy);  // the last output, of an odd number
+      });
+#endif
     return product<HALF_MAX_ROWS, HALF_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       constexpr int rows = decltype(R)::value;
       // one row (a decode step): one output at a time, whose rows of weights it reads in order

@@ -137,9 +137,10 @@ def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
 def test_half_linear_against_float64_arithmetic(dtype):
     """HalfLinear (bfloat16 and float16 weights where the CPU has no products for them) equals float64
     arithmetic on its weights and input, to the output's rounding (once for the product, once for the bias):
-    one row, 2, 7 (a pass over six rows, then one), 11 (six, then five), and more rows than its kernel runs
-    (float32's product); an odd number of outputs (the kernel takes two at a time); K of 8-input chunks
-    and a tail. qlinear.prepare makes an nn.Linear one exactly where it runs the weight."""
+    one row, 2, 7 (a pass over six rows, then one; with AVX-512, seven at once), 11 (six, then five; eight,
+    then three), and more rows than its kernel runs (float32's product); an odd number of outputs (the
+    kernel takes two at a time); K of 8- or 16-input chunks and a tail. qlinear.prepare makes an nn.Linear
+    one exactly where it runs the weight."""
     if not qlinear.cpu_kernels():
         pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
     g = torch.Generator().manual_seed(0)
