@@ -304,8 +304,9 @@ def load_model(checkpoint_dir: str, device="cpu", dtype=torch.float32,
         made = [(m, name, t) for m in model.modules() if isinstance(m, (qlinear.Int8Linear, qlinear.Int4Linear))
                 for name, t in m.named_buffers(recurse=False)
                 if t is not None and t.device.type == "cpu" and not pages.holds(t)]
-        for (m, name, _), copy in zip(made, HugePages.copies([t for *_, t in made]) if made else []):
-            setattr(m, name, copy)
+        if made:
+            for (m, name, _), copy in zip(made, HugePages.copies([t for *_, t in made])):
+                setattr(m, name, copy)
     if layout.tp > 1:
         tp.add_all_reduces(model, layout.tp_group)
     return model.eval().requires_grad_(False)

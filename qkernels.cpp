@@ -513,7 +513,6 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
     }
 }
 
-
 #ifdef HAVE_AVX512
 // 16 numbers from p as floats: bfloat16 or float16
 template <typename T>
