@@ -68,6 +68,22 @@ def test_beam_benchmark_runs(tmp_path_factory, tmp_path):
     assert "beam search" in r.stdout and "best changed" in r.stdout
 
 
+def test_speculative_benchmark_runs(tmp_path_factory, tmp_path):
+    # the target as its own draft: greedy, every proposal is kept and the text is plain decoding's
+    _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=6, max_position_embeddings=1024, vocab_size=257)
+    out = tmp_path / "speculative.json"
+    r = run_script("bench_speculative.py", "--checkpoint", ckpt, "--draft-checkpoint", ckpt, "--dtype", "float32",
+                   "--no-compile", "--k", "2,3", "--max-new-tokens", "12", "--rounds", "2", "--json", out)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"plain", "2", "3"}
+    for k in ("2", "3"):
+        row = results[k]
+        assert row["acceptance"] == 1.0 and row["same_tokens_as_plain"] == 12
+        assert len(row["tok_s"]) == 2 and row["ratios"] == [s / p for s, p in zip(row["tok_s"], results["plain"]["tok_s"])]
+    assert "k=3" in r.stdout and "x plain" in r.stdout
+
+
 def test_offload_benchmark_runs(tmp_path_factory, tmp_path):
     _, ckpt = converted_checkpoint(tmp_path_factory, "gqa", seed=7, num_hidden_layers=4)
     out = tmp_path / "offload.json"

@@ -11,7 +11,7 @@ from sampling import SamplingParams
 # The reading order: each file may import only files before it (which also rules out cycles).
 LAYERS = ["model", "tokenizer", "errors", "qlinear", "tp", "convert_checkpoint", "checkpoint", "offload",
           "sampling", "decode", "speculative", "beam", "pp", "sequence", "block_manager", "scheduler", "engine",
-          "quantize", "eval", "bench", "bench_beam", "bench_offload", "bench_serving", "serve", "generate"]
+          "quantize", "eval", "bench", "bench_beam", "bench_speculative", "bench_offload", "bench_serving", "serve", "generate"]
 COMMAND_LINE = "generate"
 
 
@@ -99,6 +99,7 @@ def test_every_command_reports_bad_input_in_one_line_with_exit_code_2(tmp_path_f
                          "--calibration", str(tmp_path / "nope.txt")], "cannot read it as UTF-8"),
         ("bench.py", ["--checkpoint", str(ckpt), "--repeat", "0"], "--repeat must be >= 1"),
         ("bench_beam.py", ["--checkpoint", str(ckpt), "--num-beams", "0"], "--num-beams and --rounds must be >= 1"),
+        ("bench_speculative.py", ["--checkpoint", str(ckpt), "--draft", "ngram", "--k", "2,x"], "--k: numbers"),
     ]
     for (script, args, message), r in zip(cases, run_commands([script, *args] for script, args, _ in cases)):
         lines = r.stderr.strip().splitlines()
