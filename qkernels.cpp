@@ -236,12 +236,47 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
+// Four outputs (weight rows w, w + K, w + 2K, w + 3K) for one activation row, q8_output<1>'s arithmetic:
+// each block of the row is loaded once for the four, and the four sums are added across lanes together
+// (transposed, in q8_output's order: the same results to the bit). At one row, each output's own costs
+// (that addition, its loop's start) are a share of its few blocks' work: 18 or 48 in the default model.
+// A decode step's products took 0.92x the time of one output at a time (BENCHMARKS.md).
+void q8_outputs4(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K, int64_t nb,
+                 float* y) {
+  __m256 even[4], odd[4];
+  for (int o = 0; o < 4; ++o) even[o] = odd[o] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, __m256* acc) {
+    const __m256i qb = load32(q + b * QK);
+    const __m256 db = _mm256_broadcast_ss(d + b);
+    for (int o = 0; o < 4; ++o) {
+      const __m256i wb = load32(w + o * K + b * QK);
+      acc[o] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wb, wb), _mm256_sign_epi8(qb, wb))),
+                               db, acc[o]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    for (int o = 0; o < 4; ++o) _mm_prefetch(reinterpret_cast<const char*>(w + o * K + b * QK + PREFETCH), _MM_HINT_T0);
+    block(b, even);
+    block(b + 1, odd);
+  }
+  if (b < nb) block(b, even);
+  __m128 s[4];  // each output's 8 lanes added to 4, as hsum does
+  for (int o = 0; o < 4; ++o) {
+    const __m256 v = _mm256_add_ps(even[o], odd[o]);
+    s[o] = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  }
+  _MM_TRANSPOSE4_PS(s[0], s[1], s[2], s[3]);  // s[j] lane o: output o's lane j
+  const __m128 sums = _mm_add_ps(_mm_add_ps(s[0], s[2]), _mm_add_ps(s[1], s[3]));
+  _mm_storeu_ps(y, _mm_mul_ps(_mm_loadu_ps(scale), sums));
+}
+
 // Eight outputs for R rows (2 or more), from the weight as stored: each block of 32 inputs of the eight
 // outputs' rows is transposed in registers so that vector j holds, in lane r, output n + r's inputs
 // 4j..4j + 3 (int4's layout, above). A block's integer sums then stay in int32 lanes, one per output, and
 // are converted and scaled once per block for eight outputs, not once per output: at several rows, where
 // the arithmetic sets the time, that is two of the seven operations per row and block (BENCHMARKS.md).
-// At one row, bound by memory, the transposes cost more than they save: q8_output runs it.
+// At one row, bound by memory, the transposes cost more than they save: q8_outputs4 runs it.
 
 inline void transpose_8x8(__m256i* v) {  // v[r] lane j -> v[j] lane r, lanes of 32 bits
   __m256i t[8], u[8];
@@ -837,6 +872,13 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
     }, &a);
 #endif
+  if (x.size(0) == 1)
+    return product<1, 4>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      if (n + 4 <= N)
+        q8_outputs4(w + n * K, sc + n, q, d, K, a.nb, y);
+      else  // the last outputs, fewer than four
+        for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
+    }, &a);
   return product<MAX_ROWS>(x, N, outputs, &a);
 }
 
