@@ -11,7 +11,8 @@ from sampling import SamplingParams
 # The reading order: each file may import only files before it (which also rules out cycles).
 LAYERS = ["model", "tokenizer", "errors", "qlinear", "tp", "convert_checkpoint", "checkpoint", "offload",
           "sampling", "decode", "speculative", "beam", "pp", "sequence", "block_manager", "scheduler", "engine",
-          "quantize", "eval", "bench", "bench_beam", "bench_speculative", "bench_offload", "bench_serving", "serve", "generate"]
+          "quantize", "eval", "bench", "bench_beam", "bench_speculative", "bench_offload", "bench_serving", "serve",
+          "generate"]
 COMMAND_LINE = "generate"
 
 
