@@ -236,23 +236,17 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
-// Four outputs (weight rows w, w + K, w + 2K, w + 3K) for one activation row, q8_output<1>'s arithmetic:
-// each block of the row is loaded once for the four, and the four sums are added across lanes together
-// (transposed, in q8_output's order: the same results to the bit). At one row, each output's own costs
-// (that addition, its loop's start) are a share of its few blocks' work: 18 or 48 in the default model.
-// A decode step's products took 0.92x the time of one output at a time (BENCHMARKS.md).
+// Four outputs (weight rows w, w + K, w + 2K, w + 3K) for one activation row, q8_output<1>'s blocks
+// (the compiler loads each block of the row once for the four), and the four sums added across lanes
+// together (transposed, in q8_output's order: the same results to the bit). At one row, each output's
+// own costs (that addition, its loop's start) are a share of its few blocks' work: 18 or 48 in the
+// default model. A decode step's products took 0.92x the time of one output at a time (BENCHMARKS.md).
 void q8_outputs4(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K, int64_t nb,
                  float* y) {
   __m256 even[4], odd[4];
   for (int o = 0; o < 4; ++o) even[o] = odd[o] = _mm256_setzero_ps();
   auto block = [&](int64_t b, __m256* acc) {
-    const __m256i qb = load32(q + b * QK);
-    const __m256 db = _mm256_broadcast_ss(d + b);
-    for (int o = 0; o < 4; ++o) {
-      const __m256i wb = load32(w + o * K + b * QK);
-      acc[o] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wb, wb), _mm256_sign_epi8(qb, wb))),
-                               db, acc[o]);
-    }
+    for (int o = 0; o < 4; ++o) q8_block<1>(w + o * K, b, q, d, K, nb, acc + o);
   };
   int64_t b = 0;
   for (; b + 1 < nb; b += 2) {
