@@ -34,6 +34,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <optional>
@@ -792,11 +793,50 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
 // half_linear's two, or one); for each, the activation rows MAX_ROWS at a time (HALF_MAX_ROWS for
 // half_linear).
 //
+// Each thread starts on its own run of the outputs (at::parallel_for's equal shares, so that each reads one
+// stretch of the weight, prefetches included) and, done with it, takes what is left of another's from its
+// far end. The two cores of these shared machines often run the same work at speeds a tenth to a third
+// apart, so that with fixed shares one waited for the other at the end of every product: an eighth of both
+// threads' time in a batch-8 int4 step on an Intel Xeon (BENCHMARKS.md). A share is taken in pieces, an
+// eighth of what remains from the front by its own thread, half from the back by another, so that the last
+// piece is short and claims are few (one atomic word per share, on a cache line of its own).
+//
 // With activations a, the rows are rounded first: by the calling thread for one row; for several, in the
 // same parallel region as the products, each thread its share of the rows, then a barrier. Rounding eight
 // rows on one thread left the other waiting a few microseconds at each of a step's hundred and more
 // products, and read half of the rows from the other core's cache, where the step's last loop (split by
 // rows as well) had written them (BENCHMARKS.md).
+class Shares {
+ public:
+  Shares(int64_t units, int64_t n) : shares_(n) {
+    for (int64_t t = 0; t < n; ++t) shares_[t].range.store(pack(units * t / n, units * (t + 1) / n));
+  }
+  // units [begin, end) of share t: its front's, by its own thread, or its back's, by another; false once
+  // the share is used up
+  bool take(int64_t t, bool own, int64_t& begin, int64_t& end) {
+    std::atomic<uint64_t>& range = shares_[t].range;
+    uint64_t r = range.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t front = r & 0xffffffffu, back = r >> 32;
+      if (front >= back) return false;
+      const uint64_t split = own ? front + std::max<uint64_t>((back - front) / 8, 1)
+                                 : back - std::max<uint64_t>((back - front) / 2, 1);
+      if (range.compare_exchange_weak(r, own ? pack(split, back) : pack(front, split), std::memory_order_relaxed)) {
+        begin = own ? front : split;
+        end = own ? split : back;
+        return true;
+      }
+    }
+  }
+
+ private:
+  static uint64_t pack(uint64_t front, uint64_t back) { return front | back << 32; }  // units < 2^32
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;  // [front, back)
+  };
+  std::vector<Share> shares_;
+};
+
 template <int ROWS, int WIDTH = 1, typename Output>
 at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activations* a = nullptr) {
   const int64_t M = x.size(0), units = (N + WIDTH - 1) / WIDTH, grain = std::max(16 / WIDTH, 1);
@@ -810,14 +850,21 @@ at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activati
   };
 #ifdef _OPENMP
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
-  if (a && M > 1 && threads > 1 && !at::in_parallel_region()) {
+  if (threads > 1 && !at::in_parallel_region()) {
+    if (a && M == 1) a->rows(0, 1);
+    Shares shares(units, threads);
 #pragma omp parallel num_threads(threads)
     {
-      // the outputs in at::parallel_for's shares: one run of units each
-      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads(), share = (units + n - 1) / n;
-      a->rows(M * t / n, M * (t + 1) / n);
+      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+      if (a && M > 1) {
+        a->rows(M * t / n, M * (t + 1) / n);
 #pragma omp barrier
-      if (t * share < units) outputs(t * share, std::min(units, (t + 1) * share));
+      }
+      int64_t begin, end;
+      while (shares.take(t, true, begin, end)) outputs(begin, end);
+      // then the others' (all of them: the region may have fewer threads than shares)
+      for (int64_t other = 1; other < threads; ++other)
+        while (shares.take((t + other) % threads, false, begin, end)) outputs(begin, end);
     }
     return y;
   }

@@ -134,6 +134,37 @@ def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
         torch.testing.assert_close(int4(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_cpu_kernels_equal_on_any_number_of_threads(rows):
+    """Each thread of qkernels.cpp's products takes from the others' shares of the outputs once done with its
+    own: whichever thread makes an output, it is the same to the bit, on one thread, two, or three (more
+    threads than this machine's cores, so that one of them is often late and its share taken)."""
+    if not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
+    torch.manual_seed(0)
+    K, N = 576, 1000
+    w, x = torch.randn(N, K) * 0.05, torch.randn(rows, K)
+    int8, int4 = qlinear.Int8Linear(K, N), qlinear.Int4Linear(K, N, groupsize=32)
+    int8.weight, int8.scales = Q.quantize_int8(w)
+    int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
+    half = nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
+    half.weight.data.copy_(w)
+    half.__class__ = qlinear.HalfLinear
+    for layer in (int8, int4):
+        layer.prepare()
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2, 3, 3, 3):
+            torch.set_num_threads(n)
+            outputs.append([layer(x if layer is not half else x.bfloat16()) for layer in (int8, int4, half)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_linear_against_float64_arithmetic(dtype):
     """HalfLinear (bfloat16 and float16 weights where the CPU has no products for them) equals float64
