@@ -828,6 +828,16 @@ class Shares {
       }
     }
   }
+  // f(begin, end) over thread t's share, then over what is left of the others' (all of them: a parallel
+  // region may have fewer threads than shares)
+  template <typename F>
+  void work(int64_t t, F&& f) {
+    const int64_t n = static_cast<int64_t>(shares_.size());
+    int64_t begin, end;
+    while (take(t, true, begin, end)) f(begin, end);
+    for (int64_t other = 1; other < n; ++other)
+      while (take((t + other) % n, false, begin, end)) f(begin, end);
+  }
 
  private:
   static uint64_t pack(uint64_t front, uint64_t back) { return front | back << 32; }  // units < 2^32
@@ -836,6 +846,22 @@ class Shares {
   };
   std::vector<Share> shares_;
 };
+
+// f(begin, end) over units [0, units), on PyTorch's threads taking from each other's shares, or on the
+// calling thread alone where it is in a parallel region already
+template <typename F>
+void parallel_shares(int64_t units, F&& f) {
+#ifdef _OPENMP
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  if (threads > 1 && !at::in_parallel_region()) {
+    Shares shares(units, threads);
+#pragma omp parallel num_threads(threads)
+    shares.work(omp_get_thread_num(), f);
+    return;
+  }
+#endif
+  if (units > 0) f(0, units);
+}
 
 template <int ROWS, int WIDTH = 1, typename Output>
 at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activations* a = nullptr) {
@@ -860,11 +886,7 @@ at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activati
         a->rows(M * t / n, M * (t + 1) / n);
 #pragma omp barrier
       }
-      int64_t begin, end;
-      while (shares.take(t, true, begin, end)) outputs(begin, end);
-      // then the others' (all of them: the region may have fewer threads than shares)
-      for (int64_t other = 1; other < threads; ++other)
-        while (shares.take((t + other) % threads, false, begin, end)) outputs(begin, end);
+      shares.work(t, outputs);
     }
     return y;
   }
@@ -1027,7 +1049,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
 // query [B, H, S, D]; key, value [B, H, L, D], each row of D contiguous (a view of the KV cache); attn_mask
 // bool (True attends), [B, H, S, L] or any of those 1, or none -> [B, H, S, D], query's dtype. Work is split among
 // PyTorch's threads by batch row, head and ATTEND_ROWS query rows, and, where those do not divide among the
-// threads, by parts of the keys.
+// threads, by parts of the keys; the threads take from each other's shares, as the products' do (Shares).
 at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const std::optional<at::Tensor>& attn_mask, double scale) {
   const at::Tensor q = query.contiguous();
@@ -1065,7 +1087,7 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   std::vector<float> partial(parts > 1 ? units * parts * ATTEND_ROWS * (D + 2) : 0);
   float* part_stats = parts > 1 ? partial.data() + units * parts * ATTEND_ROWS * D : nullptr;
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    at::parallel_for(0, units * parts, 1, [&](int64_t begin, int64_t end) {
+    parallel_shares(units * parts, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> buffer;  // the scores, and the query rows' then the outputs' floats
       buffer.resize(ATTEND_ROWS * (L + D));
       for (int64_t i = begin; i < end; ++i) {
