@@ -847,20 +847,30 @@ class Shares {
   std::vector<Share> shares_;
 };
 
-// f(begin, end) over units [0, units), on PyTorch's threads taking from each other's shares, or on the
-// calling thread alone where it is in a parallel region already
-template <typename F>
-void parallel_shares(int64_t units, F&& f) {
+// f(begin, end) over units [0, units), on up to a thread per grain units, taking from each other's shares;
+// where there is one thread, or the caller is in a parallel region already, through at::parallel_for. With
+// first, each thread runs first(t, n) (of n threads) before any units, and waits for the others to have.
+template <typename F, typename First = std::nullptr_t>
+void parallel_shares(int64_t units, int64_t grain, F&& f, First&& first = nullptr) {
+  constexpr bool has_first = !std::is_same_v<std::decay_t<First>, std::nullptr_t>;
 #ifdef _OPENMP
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
   if (threads > 1 && !at::in_parallel_region()) {
     Shares shares(units, threads);
 #pragma omp parallel num_threads(threads)
-    shares.work(omp_get_thread_num(), f);
+    {
+      const int64_t t = omp_get_thread_num();
+      if constexpr (has_first) {
+        first(t, static_cast<int64_t>(omp_get_num_threads()));
+#pragma omp barrier
+      }
+      shares.work(t, f);
+    }
     return;
   }
 #endif
-  if (units > 0) f(0, units);
+  if constexpr (has_first) first(0, 1);
+  at::parallel_for(0, units, grain, f);
 }
 
 template <int ROWS, int WIDTH = 1, typename Output>
@@ -874,25 +884,12 @@ at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activati
         // output(std::integral_constant<int, R>, n, ...) for the R rows from m on and the outputs from n on
         as_constant<ROWS>(std::min<int64_t>(M - m, ROWS), [&](auto R) { output(R, n, m, out + m * N + n, N); });
   };
-#ifdef _OPENMP
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
-  if (threads > 1 && !at::in_parallel_region()) {
-    if (a && M == 1) a->rows(0, 1);
-    Shares shares(units, threads);
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-      if (a && M > 1) {
-        a->rows(M * t / n, M * (t + 1) / n);
-#pragma omp barrier
-      }
-      shares.work(t, outputs);
-    }
-    return y;
+  if (a && M > 1) {
+    parallel_shares(units, grain, outputs, [&](int64_t t, int64_t n) { a->rows(M * t / n, M * (t + 1) / n); });
+  } else {
+    if (a) a->rows(0, M);  // one row (or none): the calling thread
+    parallel_shares(units, grain, outputs);
   }
-#endif
-  if (a) a->rows(0, M);
-  at::parallel_for(0, units, grain, outputs);
   return y;
 }
 
@@ -1087,7 +1084,7 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   std::vector<float> partial(parts > 1 ? units * parts * ATTEND_ROWS * (D + 2) : 0);
   float* part_stats = parts > 1 ? partial.data() + units * parts * ATTEND_ROWS * D : nullptr;
   auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    parallel_shares(units * parts, [&](int64_t begin, int64_t end) {
+    parallel_shares(units * parts, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> buffer;  // the scores, and the query rows' then the outputs' floats
       buffer.resize(ATTEND_ROWS * (L + D));
       for (int64_t i = begin; i < end; ++i) {
