@@ -19,7 +19,7 @@ import torch
 
 from errors import UsageError
 from model import Transformer
-from qlinear import C_SHIMS, Int4Linear, Int8Linear, cpu_features, cpu_kernels
+from qlinear import C_SHIMS, Int4Linear, Int8Linear, KernelTeam, cpu_features, cpu_kernels
 from sampling import SamplingParams, sample
 
 try:
@@ -271,10 +271,11 @@ class ExportedStep:
     graph into a shared library, and a call runs that library with no Python of PyTorch's in between (no
     Dynamo frame, guards or AOTAutograd wrapper). The model's tensors (weights, KV caches, RoPE tables) are
     the library's constants, given to it once as pointers to the model's own memory, so a call passes
-    only its few inputs, not hundreds; and it calls qkernels.cpp's ops directly (qlinear.C_SHIMS). A
-    CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small quantized
-    model's step: batch-1 steps took 5-9% less time this way (BENCHMARKS.md). For the steps that suit it
-    (suits()).
+    only its few inputs, not hundreds; it calls qkernels.cpp's ops directly (qlinear.C_SHIMS); and a step
+    of one token runs with a qlinear.KernelTeam, whose threads read the next weights ahead between the
+    products. A CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small
+    quantized model's step: batch-1 steps took 5-9% less time this way (BENCHMARKS.md). For the steps
+    that suit it (suits()).
 
     fn(model, *args): a tensor argument is an input of the shape it had; a DynamicInt (attended_length) a
     symbolic size, passed as the length of a view of a buffer (AOTInductor takes tensors only); anything
@@ -304,8 +305,10 @@ class ExportedStep:
         runner = self.runners.get(key)
         if runner is None:
             runner = self.runners[key] = self.build(model, args)
-        loader, out_spec, lengths, _ = runner  # (_: the tensors whose memory the library reads)
-        return torch.utils._pytree.tree_unflatten(loader.boxed_run(step_inputs(args, lengths)), out_spec)
+        loader, out_spec, lengths, team, _ = runner  # (_: the tensors whose memory the library reads)
+        inputs = step_inputs(args, lengths)
+        outputs = team.run(loader.boxed_run, inputs) if team else loader.boxed_run(inputs)
+        return torch.utils._pytree.tree_unflatten(outputs, out_spec)
 
     def build(self, model: Transformer, args: tuple):
         from torch._inductor import aoti_load_package
@@ -331,7 +334,11 @@ class ExportedStep:
         runner.load_constants({name: unowned(named[name]) for name in runner.get_constant_fqns()},
                               check_full_update=True, user_managed=True)
         out_spec = torch.utils._pytree.treespec_loads(runner.loader.get_call_spec()[1])
-        return runner.loader, out_spec, lengths, named
+        # A team for a step of one token (its first tensor argument): with several, the products are bound by
+        # the CPU's arithmetic rather than the memory's reads, and Inductor's own kernels would lose their
+        # threads to the team (batch-8 steps 1-2% slower with one, BENCHMARKS.md)
+        tokens = next(a for a in args if isinstance(a, torch.Tensor))
+        return runner.loader, out_spec, lengths, KernelTeam() if tokens.numel() == 1 else None, named
 
 
 def step_inputs(args: tuple, lengths: torch.Tensor) -> list:

@@ -1,8 +1,9 @@
 // The CPU kernels of a decode step: int8 x int8 and int4 x int8 products, in llama.cpp's scheme (Q8_0 x Q8_0,
 // Q4_1 x Q8_0) over our layers' own tensors; for CPUs without bfloat16 instructions, bfloat16 or float16
 // weights by float32 inputs (half_linear); the attention of a decode step's few query rows
-// (few_query_attention, which decode.few_query_attention_pass puts in compiled steps); and the greedy
-// token (argmax, which sampling.argmax calls in compiled steps).
+// (few_query_attention, which decode.few_query_attention_pass puts in compiled steps); the greedy
+// token (argmax, which sampling.argmax calls in compiled steps); and a team of threads held for a whole
+// compiled step, which read the next weights ahead between its products (Team).
 //
 // Each product rounds its input rows to int8 in blocks of 32 (x ~ d * q, q in -127..127, one float scale d
 // per block), multiplies them by the weight's blocks in integers, and scales each block's sum in float:
@@ -39,7 +40,10 @@
 #include <numeric>
 #include <optional>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -847,34 +851,158 @@ class Shares {
   std::vector<Share> shares_;
 };
 
-// f(begin, end) over units [0, units), on up to a thread per grain units, taking from each other's shares;
-// where there is one thread, or the caller is in a parallel region already, through at::parallel_for. With
-// first, each thread runs first(t, n) (of n threads) before any units, and waits for the others to have.
+// ---------------------------------------------------------------------------------------------------------
+// A team: PyTorch's threads held in one parallel region for a whole compiled decode step (nimblelm_team_run).
+// The calling thread (0) runs the step; the products and the attention it calls hand the other threads
+// their shares through the team (Team::run) rather than opening a region each. Between those jobs the
+// other threads are otherwise idle while the calling thread runs the norms, RoPE, SiLU and the compiled
+// library's calls, and so is the memory: a batch-1 step of an int8 model spends about an eighth of its time
+// there (BENCHMARKS.md). So each helper then reads ahead, into its own caches, the part of the next
+// product's weight that it will take first (its share's front: Shares), and takes it from there when the
+// product comes. What comes next is learned: each helper keeps, for each weight it has worked on, where its
+// share of the weight after it began the last time (TeamMemory, kept by the caller from step to step).
+
+struct Stream {  // a job's weight, for the read-ahead: its bytes, split among the threads as its units are
+  const char* base = nullptr;
+  int64_t bytes = 0;
+};
+
+struct TeamMemory {
+  struct alignas(64) Helper {
+    std::unordered_map<const char*, Stream> next;  // a weight -> this helper's share of the weight after it
+    const char* last = nullptr;                      // the weight of this helper's last job that had one
+  };
+  std::vector<Helper> helpers;  // by thread
+  std::mutex busy;              // one team at a time
+};
+
+class Team {
+ public:
+  // bytes read ahead at most: well within a core's second-level cache (512 KiB to 2 MiB on x86 servers).
+  // (The time between products bounds it more: 128 KiB to 2 MiB gave the same steps on an Intel Xeon.)
+  static constexpr int64_t READ_AHEAD = 256 << 10;
+
+  Team(int64_t n, TeamMemory& memory) : n_(n), memory_(memory) {
+    if (static_cast<int64_t>(memory.helpers.size()) < n) memory.helpers.resize(n);
+  }
+  int64_t size() const { return n_; }
+
+  // body(t) on threads t = 0 .. threads - 1 (threads <= size()), 0 the calling thread's, and back when all
+  // are done
+  template <typename Body>
+  void run(int64_t threads, Body& body, Stream stream) {
+    job_ = {[](void* b, int64_t t) { (*static_cast<Body*>(b))(t); }, &body, threads, stream};
+    done_.store(0, std::memory_order_relaxed);
+    arrived_.store(0, std::memory_order_relaxed);
+    posted_.fetch_add(1, std::memory_order_release);
+    body(0);
+    while (done_.load(std::memory_order_acquire) < n_ - 1) _mm_pause();
+  }
+  // within a job's body: wait for all its threads to have come here
+  void barrier(int64_t threads) {
+    arrived_.fetch_add(1, std::memory_order_acq_rel);
+    while (arrived_.load(std::memory_order_acquire) < threads) _mm_pause();
+  }
+  void stop() { stop_.store(true, std::memory_order_release); }
+
+  // thread t > 0: the jobs, and between them the read-ahead, until stop()
+  void serve(int64_t t) {
+    TeamMemory::Helper& self = memory_.helpers[t];
+    uint64_t seen = 0;
+    Stream ahead;  // what is left to read ahead
+    uint32_t sum = 0;
+    for (;;) {
+      const uint64_t posted = posted_.load(std::memory_order_acquire);
+      if (posted == seen) {
+        if (stop_.load(std::memory_order_acquire)) break;
+        if (ahead.bytes <= 0) {
+          _mm_pause();
+          continue;
+        }
+        const int64_t n = std::min<int64_t>(ahead.bytes, 4096);  // a byte a line, a page between looks for a job
+        for (int64_t i = 0; i < n; i += 64) sum += static_cast<unsigned char>(ahead.base[i]);
+        ahead.base += n;
+        ahead.bytes -= n;
+        continue;
+      }
+      seen = posted;
+      const Job job = job_;
+      if (t < job.threads) job.run(job.body, t);
+      done_.fetch_add(1, std::memory_order_release);
+      if (job.stream.base) {
+        if (t < job.threads) {
+          const int64_t begin = job.stream.bytes * t / job.threads / 64 * 64;
+          const int64_t end = job.stream.bytes * (t + 1) / job.threads;
+          if (self.last) self.next[self.last] = {job.stream.base + begin, std::min(end - begin, READ_AHEAD)};
+          self.last = job.stream.base;
+        }
+        const auto next = self.next.find(job.stream.base);
+        ahead = next == self.next.end() ? Stream() : next->second;
+      }
+    }
+    sum_.fetch_add(sum, std::memory_order_relaxed);  // (kept, so that the reads are not left out)
+  }
+
+  static thread_local Team* current;  // the team whose step this thread runs, if any
+
+ private:
+  struct Job {
+    void (*run)(void*, int64_t);
+    void* body;
+    int64_t threads;
+    Stream stream;
+  };
+  const int64_t n_;
+  TeamMemory& memory_;
+  Job job_{};
+  alignas(64) std::atomic<uint64_t> posted_{0};  // jobs posted so far
+  alignas(64) std::atomic<int64_t> done_{0};     // helpers done with the last
+  alignas(64) std::atomic<int64_t> arrived_{0};  // threads at its barrier
+  alignas(64) std::atomic<bool> stop_{false};
+  std::atomic<uint32_t> sum_{0};
+};
+thread_local Team* Team::current = nullptr;
+
+// f(begin, end) over units [0, units), on up to a thread per grain units, taking from each other's shares:
+// through the calling thread's team where it has one (stream: the weight the units read, for the team's
+// read-ahead), else in a parallel region of their own; where there is one thread, or the caller is in a
+// parallel region already, through at::parallel_for. With first, each thread runs first(t, n) (of n
+// threads) before any units, and waits for the others to have.
 template <typename F, typename First = std::nullptr_t>
-void parallel_shares(int64_t units, int64_t grain, F&& f, First&& first = nullptr) {
+void parallel_shares(int64_t units, int64_t grain, F&& f, First&& first = nullptr, Stream stream = {}) {
   constexpr bool has_first = !std::is_same_v<std::decay_t<First>, std::nullptr_t>;
-#ifdef _OPENMP
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
-  if (threads > 1 && !at::in_parallel_region()) {
+  Team* team = Team::current;
+  const int64_t threads = std::min<int64_t>(team ? team->size() : at::get_num_threads(), (units + grain - 1) / grain);
+  if (threads > 1 && (team || !at::in_parallel_region())) {
     Shares shares(units, threads);
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t t = omp_get_thread_num();
+    auto part = [&](int64_t t, int64_t n, auto&& wait) {  // thread t's, of n
       if constexpr (has_first) {
-        first(t, static_cast<int64_t>(omp_get_num_threads()));
-#pragma omp barrier
+        first(t, n);
+        wait();
       }
       shares.work(t, f);
+    };
+    if (team) {
+      auto job = [&](int64_t t) { part(t, threads, [&] { team->barrier(threads); }); };
+      team->run(threads, job, stream);
+      return;
     }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    part(omp_get_thread_num(), omp_get_num_threads(), [] {
+#pragma omp barrier
+    });
     return;
-  }
 #endif
+  }
   if constexpr (has_first) first(0, 1);
   at::parallel_for(0, units, grain, f);
 }
 
 template <int ROWS, int WIDTH = 1, typename Output>
-at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activations* a = nullptr) {
+at::Tensor product(const at::Tensor& x, int64_t N, Output output, const at::Tensor& weight,
+                   const Activations* a = nullptr) {
+  const Stream stream{static_cast<const char*>(weight.data_ptr()), static_cast<int64_t>(weight.nbytes())};
   const int64_t M = x.size(0), units = (N + WIDTH - 1) / WIDTH, grain = std::max(16 / WIDTH, 1);
   at::Tensor y = at::empty({M, N}, x.options());
   float* out = y.data_ptr<float>();
@@ -885,10 +1013,11 @@ at::Tensor product(const at::Tensor& x, int64_t N, Output output, const Activati
         as_constant<ROWS>(std::min<int64_t>(M - m, ROWS), [&](auto R) { output(R, n, m, out + m * N + n, N); });
   };
   if (a && M > 1) {
-    parallel_shares(units, grain, outputs, [&](int64_t t, int64_t n) { a->rows(M * t / n, M * (t + 1) / n); });
+    parallel_shares(units, grain, outputs, [&](int64_t t, int64_t n) { a->rows(M * t / n, M * (t + 1) / n); },
+                    stream);
   } else {
     if (a) a->rows(0, M);  // one row (or none): the calling thread
-    parallel_shares(units, grain, outputs);
+    parallel_shares(units, grain, outputs, nullptr, stream);
   }
   return y;
 }
@@ -922,7 +1051,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.totals + m, K, a.nb, y, ldy);
       else  // the last outputs, fewer than sixteen
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    }, &a);
+    }, weight, &a);
 #elif !defined(HAVE_VNNI)  // (VNNI's one instruction leaves less to save, and was not measured with 256-bit vectors)
   if (x.size(0) > 1)
     return product<MAX_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
@@ -930,7 +1059,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         q8_outputs8<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
       else  // the last outputs, fewer than eight
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    }, &a);
+    }, weight, &a);
 #endif
   if (x.size(0) == 1)
     return product<1, 4>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
@@ -938,8 +1067,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         q8_outputs4(w + n * K, sc + n, q, d, K, a.nb, y);
       else  // the last outputs, fewer than four
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    }, &a);
-  return product<MAX_ROWS>(x, N, outputs, &a);
+    }, weight, &a);
+  return product<MAX_ROWS>(x, N, outputs, weight, &a);
 }
 
 // weight: [ceil(N / 8), K / 32, 160] bytes, qlinear.pack_int4_for_kernel's layout (top of this file)
@@ -964,9 +1093,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
       return q4_output16<decltype(R)::value>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb,
                                              sums + m * nb, K, nb, y, ldy);
     for (int64_t i = 0; n + i < N; i += Q4_OUTPUTS) outputs(R, n + i, m, y + i, ldy);  // the last, fewer than 16
-  }, &a);
+  }, weight, &a);
 #else
-  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, outputs, &a);
+  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, outputs, weight, &a);
 #endif
 }
 
@@ -1028,7 +1157,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
         constexpr int rows = decltype(R)::value;
         if (n + HALF_OUTPUTS <= N) return half_output16<HALF_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
         half_output16<1, rows>(w + n * K, xp + m * K, K, y, ldy);  // the last output, of an odd number
-      });
+      }, weight);
 #endif
     return product<HALF_MAX_ROWS, HALF_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       constexpr int rows = decltype(R)::value;
@@ -1036,7 +1165,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
       if (M > 1 && n + HALF_OUTPUTS <= N) return half_output<HALF_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
       for (int64_t end = std::min(n + HALF_OUTPUTS, N); n < end; ++n, ++y)
         half_output<1, rows>(w + n * K, xp + m * K, K, y, ldy);
-    });
+    }, weight);
   };
   if (weight.scalar_type() == at::kBFloat16) return run(weight.data_ptr<at::BFloat16>());
   return run(weight.data_ptr<at::Half>());
@@ -1077,7 +1206,7 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   // keys are split into parts, up to one per thread, scored apart and combined by their softmax's sums: the
   // threads then share every head's work rather than one waiting while another takes two heads.
   const int64_t chunks = (S + ATTEND_ROWS - 1) / ATTEND_ROWS, units = B * H * chunks;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = Team::current ? Team::current->size() : at::get_num_threads();
   const int64_t parts =
       units % threads ? std::clamp<int64_t>(std::min(L / ATTEND_PART_KEYS, threads), 1, ATTEND_MAX_PARTS) : 1;
   // each part's rows (normalized over its keys) in float32, and each row's largest score and exponentials' sum
@@ -1243,6 +1372,40 @@ AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, AtenTe
     *ret0 = handle(few_query_attention(tensor(query), tensor(key), tensor(value), mask, scale));
   });
 }
+// The team's entry points, which qlinear.KernelTeam calls through ctypes. nimblelm_team_run: fn(arg) on the
+// calling thread with a team of PyTorch's threads (Team) for the ops it calls, and its result; memory from
+// nimblelm_team_new, what the team learns. Without a team where there is one thread, where the caller is in
+// a parallel region or a team already, or where another team is using memory.
+void* nimblelm_team_new() { return new TeamMemory(); }
+void nimblelm_team_free(void* memory) { delete static_cast<TeamMemory*>(memory); }
+int nimblelm_team_run(void* memory, int (*fn)(void*), void* arg) {
+#ifdef _OPENMP
+  TeamMemory& m = *static_cast<TeamMemory*>(memory);
+  const int64_t n = at::get_num_threads();
+  if (n > 1 && !at::in_parallel_region() && !Team::current && m.busy.try_lock()) {
+    std::lock_guard<std::mutex> hold(m.busy, std::adopt_lock);
+    std::unique_ptr<Team> team;
+    int result = 0;
+#pragma omp parallel num_threads(n)
+    {
+#pragma omp single
+      team = std::make_unique<Team>(omp_get_num_threads(), m);  // (the region may have fewer than n)
+      // (single ends in a barrier: every thread sees the team)
+      if (omp_get_thread_num() == 0) {
+        Team::current = team.get();
+        result = fn(arg);
+        Team::current = nullptr;
+        team->stop();
+      } else {
+        team->serve(omp_get_thread_num());
+      }
+    }
+    return result;
+  }
+#endif
+  return fn(arg);
+}
+
 AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(argmax(tensor(x))); });
 }

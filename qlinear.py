@@ -387,31 +387,11 @@ def cast_floats(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 @functools.cache
 def cpu_kernels() -> float:
-    """Build qkernels.cpp for this machine's CPU (-march=native) and register its ops as torch.ops.nimblelm
-    (q8_linear, q4_linear, half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass;
-    argmax, for sampling.argmax),
-    once a process; return up to how many rows the products should run
-    (KERNEL_MAX_ROWS, or all). The build is kept in torch's extensions folder (~/.cache/torch_extensions)
-    under a name that holds a digest of the CPU's features and the build's flags, so a machine builds it
-    once, and a home shared by machines of different CPUs never runs one CPU's build on another. 0, with
-    one line on stderr, where it cannot be built (no C++ compiler, no AVX2): the layers then use PyTorch's
-    kernels."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return 0
-    features = cpu_features()
-    flags = ["-O3", "-march=native", "-fopenmp",
-             f"-DPREFETCH_BYTES={PREFETCH_BYTES.get(cpu_vendor(), PREFETCH_BYTES_DEFAULT)}"]
-    name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features) + flags).encode()).hexdigest()[:16]
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
-    try:
-        from torch.utils import cpp_extension
-        library = cpp_extension.load(name, [source], extra_cflags=flags, is_python_module=False)
-        # its symbols made global, so that compiled steps link to its C entry points (C_SHIMS) as they load
-        ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
-    except Exception as e:  # the compiler's own report is long; its first line says which step failed
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"nimblelm: qkernels.cpp could not be built ({reason}); the linear layers use PyTorch's kernels",
-              file=sys.stderr)
+    """Build qkernels.cpp (kernel_library) and register its ops as torch.ops.nimblelm (q8_linear, q4_linear,
+    half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass; argmax, for
+    sampling.argmax), once a process; return up to how many rows the products should run (KERNEL_MAX_ROWS,
+    or all). 0 where it cannot be built: the layers then use PyTorch's kernels."""
+    if not kernel_library():
         return 0
 
     @torch.library.register_fake("nimblelm::q8_linear")
@@ -433,7 +413,77 @@ def cpu_kernels() -> float:
     @torch.library.register_fake("nimblelm::argmax")
     def _(x):
         return x.new_empty(x.shape[0], dtype=torch.long)
-    return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= features else float("inf")
+    return KERNEL_MAX_ROWS if {"avx512_vnni", "avx512_bf16"} <= cpu_features() else float("inf")
+
+
+@functools.cache
+def kernel_library() -> Optional[ctypes.CDLL]:
+    """qkernels.cpp built for this machine's CPU and loaded, its symbols global (so that compiled steps link
+    to its C entry points, C_SHIMS, as they load); None, with one line on stderr, where it cannot be built
+    (not x86, no C++ compiler, no AVX2). The build is kept in torch's extensions folder
+    (~/.cache/torch_extensions) under a name that holds a digest of the CPU's features and the build's
+    flags, so a machine builds it once, and a home shared by machines of different CPUs never runs one
+    CPU's build on another."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    features = cpu_features()
+    flags = ["-O3", "-march=native", "-fopenmp",
+             f"-DPREFETCH_BYTES={PREFETCH_BYTES.get(cpu_vendor(), PREFETCH_BYTES_DEFAULT)}"]
+    name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features) + flags).encode()).hexdigest()[:16]
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
+    try:
+        from torch.utils import cpp_extension
+        path = cpp_extension.load(name, [source], extra_cflags=flags, is_python_module=False)
+        # (a PyDLL's functions keep the GIL: KernelTeam's callback into Python need not wait for it)
+        return ctypes.PyDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    except Exception as e:  # the compiler's own report is long; its first line says which step failed
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"nimblelm: qkernels.cpp could not be built ({reason}); the linear layers use PyTorch's kernels",
+              file=sys.stderr)
+        return None
+
+
+class KernelTeam:
+    """PyTorch's threads held for the whole of a call (run), for qkernels.cpp's products and attention
+    inside it: between the products, the threads other than the caller's read ahead the weights they will
+    read next, while the caller runs the rest of the step (qkernels.cpp, Team). For the compiled steps of
+    decode.ExportedStep, whose calls are all in C++. What the team learns (which weight follows which) is
+    kept on this object, so make one per compiled graph: it reads only the weights that graph reads."""
+
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+    def __init__(self):
+        self.library = kernel_library()
+        self.library.nimblelm_team_new.restype = ctypes.c_void_p
+        self.library.nimblelm_team_free.argtypes = [ctypes.c_void_p]
+        self.library.nimblelm_team_run.argtypes = [ctypes.c_void_p, self._CALLBACK, ctypes.c_void_p]
+        self.memory = self.library.nimblelm_team_new()
+        self.call = None  # fn, args; then (True, result) or (False, the exception)
+        self.callback = self._CALLBACK(self._run_call)
+
+    def run(self, fn, *args):
+        """fn(*args) with the team."""
+        self.call = fn, args
+        try:
+            self.library.nimblelm_team_run(self.memory, self.callback, None)
+            ok, value = self.call
+        finally:
+            self.call = None
+        if not ok:
+            raise value
+        return value
+
+    def _run_call(self, _) -> int:
+        fn, args = self.call
+        try:
+            self.call = True, fn(*args)
+        except BaseException as e:  # (raised again by run, outside the C++ that called this)
+            self.call = False, e
+        return 0
+
+    def __del__(self):
+        if getattr(self, "memory", None):
+            self.library.nimblelm_team_free(self.memory)
 
 
 # qkernels.cpp's C entry points, one per op, which the libraries of decode.ExportedStep call directly rather

@@ -294,10 +294,13 @@ def test_few_query_attention_equals_sdpa(dtype):
     try:
         torch.set_num_threads(2)
         ours = torch.ops.nimblelm.few_query_attention(q, k, v, mask, 16 ** -0.5)
+        # the same parts through the threads of a KernelTeam (decode.ExportedStep's)
+        with_team = qlinear.KernelTeam().run(torch.ops.nimblelm.few_query_attention, q, k, v, mask, 16 ** -0.5)
     finally:
         torch.set_num_threads(threads)
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
+    assert torch.equal(with_team, ours)
 
 
 @pytest.mark.parametrize("kernel", [True, False])

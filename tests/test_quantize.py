@@ -138,7 +138,9 @@ def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
 def test_cpu_kernels_equal_on_any_number_of_threads(rows):
     """Each thread of qkernels.cpp's products takes from the others' shares of the outputs once done with its
     own: whichever thread makes an output, it is the same to the bit, on one thread, two, or three (more
-    threads than this machine's cores, so that one of them is often late and its share taken)."""
+    threads than this machine's cores, so that one of them is often late and its share taken), in a
+    parallel region of their own or with a KernelTeam (decode.ExportedStep's): the second time with what
+    the team's threads read ahead, the layers' weights one after another."""
     if not qlinear.cpu_kernels():
         pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
     torch.manual_seed(0)
@@ -152,17 +154,36 @@ def test_cpu_kernels_equal_on_any_number_of_threads(rows):
     half.__class__ = qlinear.HalfLinear
     for layer in (int8, int4):
         layer.prepare()
-    threads = torch.get_num_threads()
+    threads, team = torch.get_num_threads(), qlinear.KernelTeam()
+
+    def products():
+        return [layer(x if layer is not half else x.bfloat16()) for layer in (int8, int4, half)]
     try:
         outputs = []
-        for n in (1, 2, 3, 3, 3):
+        for n, with_team in ((1, False), (2, False), (3, False), (3, False), (3, False), (2, True), (3, True), (3, True)):
             torch.set_num_threads(n)
-            outputs.append([layer(x if layer is not half else x.bfloat16()) for layer in (int8, int4, half)])
+            outputs.append(team.run(products) if with_team else products())
     finally:
         torch.set_num_threads(threads)
     for other in outputs[1:]:
         for a, b in zip(outputs[0], other):
             assert torch.equal(a, b)
+
+
+def test_kernel_team_passes_on_errors_and_nests():
+    """A KernelTeam's call raises what the function raised, as it is, and the team serves the next call; a
+    call inside another's runs on the outer team."""
+    if not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
+    team = qlinear.KernelTeam()
+    with pytest.raises(KeyError, match="inside"):
+        team.run(lambda: {}["inside"])
+    x, w = torch.randn(3, 64), torch.randn(40, 64)
+    int8 = qlinear.Int8Linear(64, 40)
+    int8.weight, int8.scales = Q.quantize_int8(w)
+    int8.prepare()
+    assert torch.equal(team.run(lambda: team.run(int8, x)), int8(x))
+    assert team.run(lambda a, b: a + b, 2, 3) == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
