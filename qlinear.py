@@ -450,40 +450,38 @@ class KernelTeam:
     decode.ExportedStep, whose calls are all in C++. What the team learns (which weight follows which) is
     kept on this object, so make one per compiled graph: it reads only the weights that graph reads."""
 
-    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-
     def __init__(self):
         self.library = kernel_library()
         self.library.nimblelm_team_new.restype = ctypes.c_void_p
         self.library.nimblelm_team_free.argtypes = [ctypes.c_void_p]
-        self.library.nimblelm_team_run.argtypes = [ctypes.c_void_p, self._CALLBACK, ctypes.c_void_p]
+        self.library.nimblelm_team_run.argtypes = [ctypes.c_void_p, _TEAM_CALLBACK, ctypes.py_object]
         self.memory = self.library.nimblelm_team_new()
-        self.call = None  # fn, args; then (True, result) or (False, the exception)
-        self.callback = self._CALLBACK(self._run_call)
 
     def run(self, fn, *args):
         """fn(*args) with the team."""
-        self.call = fn, args
-        try:
-            self.library.nimblelm_team_run(self.memory, self.callback, None)
-            ok, value = self.call
-        finally:
-            self.call = None
-        if not ok:
-            raise value
-        return value
-
-    def _run_call(self, _) -> int:
-        fn, args = self.call
-        try:
-            self.call = True, fn(*args)
-        except BaseException as e:  # (raised again by run, outside the C++ that called this)
-            self.call = False, e
-        return 0
+        call = [fn, args, None, None]  # and its result, or what it raised
+        self.library.nimblelm_team_run(self.memory, _team_callback, call)
+        if call[3] is not None:
+            raise call[3]
+        return call[2]
 
     def __del__(self):
         if getattr(self, "memory", None):
             self.library.nimblelm_team_free(self.memory)
+
+
+def _run_call(call: list) -> int:
+    """KernelTeam.run's call, from the C++ that holds the team; what it raises is raised again by run."""
+    fn, args = call[0], call[1]
+    try:
+        call[2] = fn(*args)
+    except BaseException as e:
+        call[3] = e
+    return 0
+
+
+_TEAM_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object)
+_team_callback = _TEAM_CALLBACK(_run_call)
 
 
 # qkernels.cpp's C entry points, one per op, which the libraries of decode.ExportedStep call directly rather
