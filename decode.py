@@ -336,7 +336,7 @@ class ExportedStep:
         out_spec = torch.utils._pytree.treespec_loads(runner.loader.get_call_spec()[1])
         # A team for a step of one token (its first tensor argument): with several, the products are bound by
         # the CPU's arithmetic rather than the memory's reads, and Inductor's own kernels would lose their
-        # threads to the team (batch-8 steps 1-2% slower with one, BENCHMARKS.md)
+        # threads to the team (int4's batch-8 steps 1-2% slower with one, BENCHMARKS.md)
         tokens = next(a for a in args if isinstance(a, torch.Tensor))
         return runner.loader, out_spec, lengths, KernelTeam() if tokens.numel() == 1 else None, named
 
