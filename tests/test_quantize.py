@@ -160,7 +160,8 @@ def test_cpu_kernels_equal_on_any_number_of_threads(rows):
         return [layer(x if layer is not half else x.bfloat16()) for layer in (int8, int4, half)]
     try:
         outputs = []
-        for n, with_team in ((1, False), (2, False), (3, False), (3, False), (3, False), (2, True), (3, True), (3, True)):
+        for n, with_team in [(1, False), (2, False), (3, False), (3, False), (3, False), (2, True), (3, True),
+                             (3, True)]:
             torch.set_num_threads(n)
             outputs.append(team.run(products) if with_team else products())
     finally:
