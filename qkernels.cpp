@@ -963,6 +963,9 @@ class Team {
 };
 thread_local Team* Team::current = nullptr;
 
+// the threads an op may split its work among: its team's, else PyTorch's
+int64_t available_threads() { return Team::current ? Team::current->size() : at::get_num_threads(); }
+
 // f(begin, end) over units [0, units), on up to a thread per grain units, taking from each other's shares:
 // through the calling thread's team where it has one (stream: the weight the units read, for the team's
 // read-ahead), else in a parallel region of their own; where there is one thread, or the caller is in a
@@ -972,7 +975,7 @@ template <typename F, typename First = std::nullptr_t>
 void parallel_shares(int64_t units, int64_t grain, F&& f, First&& first = nullptr, Stream stream = {}) {
   constexpr bool has_first = !std::is_same_v<std::decay_t<First>, std::nullptr_t>;
   Team* team = Team::current;
-  const int64_t threads = std::min<int64_t>(team ? team->size() : at::get_num_threads(), (units + grain - 1) / grain);
+  const int64_t threads = std::min<int64_t>(available_threads(), (units + grain - 1) / grain);
   if (threads > 1 && (team || !at::in_parallel_region())) {
     Shares shares(units, threads);
     auto part = [&](int64_t t, int64_t n, auto&& wait) {  // thread t's, of n
@@ -1206,7 +1209,7 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
   // keys are split into parts, up to one per thread, scored apart and combined by their softmax's sums: the
   // threads then share every head's work rather than one waiting while another takes two heads.
   const int64_t chunks = (S + ATTEND_ROWS - 1) / ATTEND_ROWS, units = B * H * chunks;
-  const int64_t threads = Team::current ? Team::current->size() : at::get_num_threads();
+  const int64_t threads = available_threads();
   const int64_t parts =
       units % threads ? std::clamp<int64_t>(std::min(L / ATTEND_PART_KEYS, threads), 1, ATTEND_MAX_PARTS) : 1;
   // each part's rows (normalized over its keys) in float32, and each row's largest score and exponentials' sum
@@ -1372,6 +1375,10 @@ AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, AtenTe
     *ret0 = handle(few_query_attention(tensor(query), tensor(key), tensor(value), mask, scale));
   });
 }
+AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(argmax(tensor(x))); });
+}
+
 // The team's entry points, which qlinear.KernelTeam calls through ctypes. nimblelm_team_run: fn(arg) on the
 // calling thread with a team of PyTorch's threads (Team) for the ops it calls, and its result; memory from
 // nimblelm_team_new, what the team learns. Without a team where there is one thread, where the caller is in
@@ -1404,10 +1411,6 @@ int nimblelm_team_run(void* memory, int (*fn)(void*), void* arg) {
   }
 #endif
   return fn(arg);
-}
-
-AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(argmax(tensor(x))); });
 }
 }
 

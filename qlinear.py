@@ -435,12 +435,17 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         from torch.utils import cpp_extension
         path = cpp_extension.load(name, [source], extra_cflags=flags, is_python_module=False)
         # (a PyDLL's functions keep the GIL: KernelTeam's callback into Python need not wait for it)
-        return ctypes.PyDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        library = ctypes.PyDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except Exception as e:  # the compiler's own report is long; its first line says which step failed
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f"nimblelm: qkernels.cpp could not be built ({reason}); the linear layers use PyTorch's kernels",
               file=sys.stderr)
         return None
+    # the team's entry points (KernelTeam)
+    library.nimblelm_team_new.restype = ctypes.c_void_p
+    library.nimblelm_team_free.argtypes = [ctypes.c_void_p]
+    library.nimblelm_team_run.argtypes = [ctypes.c_void_p, _TEAM_CALLBACK, ctypes.py_object]
+    return library
 
 
 class KernelTeam:
@@ -452,9 +457,6 @@ class KernelTeam:
 
     def __init__(self):
         self.library = kernel_library()
-        self.library.nimblelm_team_new.restype = ctypes.c_void_p
-        self.library.nimblelm_team_free.argtypes = [ctypes.c_void_p]
-        self.library.nimblelm_team_run.argtypes = [ctypes.c_void_p, _TEAM_CALLBACK, ctypes.py_object]
         self.memory = self.library.nimblelm_team_new()
 
     def run(self, fn, *args):
