@@ -598,7 +598,8 @@ void half_output16(const W* w, const float* x, int64_t K, float* y, int64_t ldy)
 // (BENCHMARKS.md); here the scores come several keys at a time, added across lanes in one pass, and the
 // values' sums stay in registers. Query rows that share a head go up to ATTEND_ROWS at a time, so that each
 // key and value is read and converted once for all of them: a decode step's three query heads per
-// key/value head (model.py stacks them as rows), a verify step's rows.
+// key/value head (model.py stacks them as rows), a verify step's rows. With AVX-512, heads of a multiple of 32
+// go through attend16, in vectors twice as wide.
 
 // v's 8 floats into p as T, rounded to nearest even as PyTorch's conversions round (NaN stays NaN)
 template <typename T>
@@ -659,6 +660,54 @@ constexpr int ATTEND_AHEAD = 8;
 // not measured), into at most ATTEND_MAX_PARTS
 constexpr int64_t ATTEND_PART_KEYS = 64, ATTEND_MAX_PARTS = 64;
 
+// The cache's rows come from memory (a step's weights have passed through the caches since this layer's
+// last step): the first ATTEND_AHEAD keys at once, then (keys()) keys that far ahead and the values of the
+// keys being scored, which the weighted sums read next
+template <typename T>
+class CacheAhead {
+ public:
+  CacheAhead(const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv)
+      : k_(k), v_(v), ldk_(ldk), ldv_(ldv), bytes_(D * static_cast<int64_t>(sizeof(T))) {
+    for (int64_t j = 0; j < std::min<int64_t>(ATTEND_AHEAD, L); ++j) row(k + j * ldk);
+  }
+  // for the n keys from l on, whose scores come next
+  void keys(int64_t l, int n) const {
+    for (int j = 0; j < n; ++j) {
+      row(k_ + (l + j + ATTEND_AHEAD) * ldk_);
+      row(v_ + (l + j) * ldv_);
+    }
+  }
+
+ private:
+  void row(const T* p) const {
+    for (int64_t b = 0; b < bytes_; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+  }
+  const T *k_, *v_;
+  int64_t ldk_, ldv_, bytes_;
+};
+
+// whether key l has a weight in any of R rows of w (ldw apart): keys masked for every row are never read (a
+// slot past the text may hold anything). Tested on the weights' bits, in general registers: the vector ones
+// all hold sums.
+template <int R>
+inline bool weighed(const float* w, int64_t ldw, int64_t l) {
+  uint32_t any = 0;
+  for (int r = 0; r < R; ++r) {
+    uint32_t bits;
+    std::memcpy(&bits, w + r * ldw + l, 4);
+    any |= bits << 1;  // 0 for 0.f and -0.f
+  }
+  return any;
+}
+
+// R rows of D sums, each times its inv[r], to out (rows ldo apart) as O
+template <int R, typename O>
+inline void store_rows(const float* sums, int64_t D, const float* inv, O* out, int64_t ldo) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 8)
+      store8(out + r * ldo + d, _mm256_mul_ps(_mm256_loadu_ps(sums + r * D + d), _mm256_set1_ps(inv[r])));
+}
+
 // out[r][j] = sum over keys l of w[r][l] * v[l * ldv + j], for j < 8 * V; w's rows ldw apart
 template <int R, int V, typename T>
 inline void weighted_sum(const float* w, int64_t ldw, const T* v, int64_t L, int64_t ldv, float* out, int64_t ldo) {
@@ -666,15 +715,7 @@ inline void weighted_sum(const float* w, int64_t ldw, const T* v, int64_t L, int
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < V; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t l = 0; l < L; ++l) {
-    // keys masked for every row are never read (a slot past the text may hold anything); tested on the
-    // weights' bits, in general registers: the vector ones all hold sums
-    uint32_t any = 0;
-    for (int r = 0; r < R; ++r) {
-      uint32_t bits;
-      std::memcpy(&bits, w + r * ldw + l, 4);
-      any |= bits << 1;  // 0 for 0.f and -0.f
-    }
-    if (!any) continue;
+    if (!weighed<R>(w, ldw, l)) continue;
     __m256 wl[R];
     for (int r = 0; r < R; ++r) wl[r] = _mm256_set1_ps(w[r * ldw + l]);
     for (int j = 0; j < V; ++j) {  // one vector of values at a time: with R * V sums, the registers run out
@@ -686,56 +727,11 @@ inline void weighted_sum(const float* w, int64_t ldw, const T* v, int64_t L, int
     for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + r * ldo + 8 * j, acc[r][j]);
 }
 
-// R query rows q [R, D] (rows ldq apart) over keys k, values v [L, D] (rows ldk, ldv apart), row r's mask
-// at masks[r] (or none; L entries mask_step apart) -> out [R, D] (rows ldo apart), as O. scores: R * L
-// floats; qf: R * D. With stats, each row's largest score and the sum of its exponentials go to
-// stats[2r] and stats[2r + 1], for combining this part of the keys with the others' (few_query_attention).
-template <int R, typename T, typename O>
-void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
-            const bool* const* masks, int64_t mask_step, float scale, O* out, int64_t ldo, float* stats,
-            float* scores, float* qf) {
-  const __m256 scale8 = _mm256_set1_ps(scale);
-  for (int r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, _mm256_mul_ps(load8(q + r * ldq + d), scale8));
-  constexpr int KEYS = R == 1 ? 8 : 4;
-  // The cache's rows come from memory (a step's weights have passed through the caches since this layer's
-  // last step): the first ATTEND_AHEAD keys now, then keys that far ahead and the values of the keys being
-  // scored, which the weighted sums read next
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  auto prefetch_row = [&](const T* row) {
-    for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
-  };
-  for (int64_t j = 0; j < std::min<int64_t>(ATTEND_AHEAD, L); ++j) prefetch_row(k + j * ldk);
-  int64_t l = 0;
-  for (; l + KEYS <= L; l += KEYS) {
-    for (int j = 0; j < KEYS; ++j) {
-      prefetch_row(k + (l + j + ATTEND_AHEAD) * ldk);
-      prefetch_row(v + (l + j) * ldv);
-    }
-    __m256 acc[R][KEYS];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < KEYS; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8)
-      for (int j = 0; j < KEYS; ++j) {
-        const __m256 kv = load8(k + (l + j) * ldk + d);
-        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), kv, acc[r][j]);
-      }
-    for (int r = 0; r < R; ++r) {
-      if constexpr (KEYS == 8)
-        _mm256_storeu_ps(scores + r * L + l, hsum8(acc[r]));
-      else
-        _mm_storeu_ps(scores + r * L + l, hsum4(acc[r]));
-    }
-  }
-  for (; l < L; ++l)
-    for (int r = 0; r < R; ++r) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), load8(k + l * ldk + d), acc);
-      scores[r * L + l] = hsum(acc);
-    }
-  // each row's softmax; rows with nothing to attend to come out 0
-  float inv[R];
+// Each of R rows' softmax over its L scores (rows masks[r], or none: attend's), in place; its sum's inverse
+// to inv[r]. Rows with nothing to attend to come out 0. With stats: attend's.
+template <int R>
+void softmax_rows(float* scores, int64_t L, const bool* const* masks, int64_t mask_step, float* stats, float* inv) {
+  int64_t l;
   for (int r = 0; r < R; ++r) {
     float* s = scores + r * L;
     const bool* mask = masks ? masks[r] : nullptr;
@@ -780,6 +776,48 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
     inv[r] = 1.f / sum;
     if (stats) stats[2 * r + 1] = sum;
   }
+}
+
+// R query rows q [R, D] (rows ldq apart) over keys k, values v [L, D] (rows ldk, ldv apart), row r's mask
+// at masks[r] (or none; L entries mask_step apart) -> out [R, D] (rows ldo apart), as O. scores: R * L
+// floats; qf: R * D. With stats, each row's largest score and the sum of its exponentials go to
+// stats[2r] and stats[2r + 1], for combining this part of the keys with the others' (few_query_attention).
+template <int R, typename T, typename O>
+void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
+            const bool* const* masks, int64_t mask_step, float scale, O* out, int64_t ldo, float* stats,
+            float* scores, float* qf) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(qf + r * D + d, _mm256_mul_ps(load8(q + r * ldq + d), scale8));
+  constexpr int KEYS = R == 1 ? 8 : 4;
+  const CacheAhead<T> ahead(k, v, L, D, ldk, ldv);
+  int64_t l = 0;
+  for (; l + KEYS <= L; l += KEYS) {
+    ahead.keys(l, KEYS);
+    __m256 acc[R][KEYS];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < KEYS; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      for (int j = 0; j < KEYS; ++j) {
+        const __m256 kv = load8(k + (l + j) * ldk + d);
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), kv, acc[r][j]);
+      }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (KEYS == 8)
+        _mm256_storeu_ps(scores + r * L + l, hsum8(acc[r]));
+      else
+        _mm_storeu_ps(scores + r * L + l, hsum4(acc[r]));
+    }
+  }
+  for (; l < L; ++l)
+    for (int r = 0; r < R; ++r) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), load8(k + l * ldk + d), acc);
+      scores[r * L + l] = hsum(acc);
+    }
+  float inv[R];
+  softmax_rows<R>(scores, L, masks, mask_step, stats, inv);
   float* sums = qf;  // q's floats are no longer needed: they become the output's
   constexpr int V = std::min(8, 12 / R);
   for (int64_t d0 = 0; d0 < D; d0 += 8 * V) {
@@ -787,10 +825,142 @@ void attend(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t 
       weighted_sum<R, decltype(W)::value>(scores, L, v + d0, L, ldv, sums + d0, D);
     });
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; d += 8)
-      store8(out + r * ldo + d, _mm256_mul_ps(_mm256_loadu_ps(sums + r * D + d), _mm256_set1_ps(inv[r])));
+  store_rows<R>(sums, D, inv, out, ldo);
 }
+
+#ifdef HAVE_AVX512
+// attend in 512-bit vectors: half the multiply-adds, and for bfloat16 caches (a decode step's usual) a
+// quarter of the conversions. The cache's rows are read a line (32 bfloat16 numbers) at a time, which
+// become two vectors of floats in one operation each, not in order: the even-numbered numbers (each 32-bit
+// lane's low half, shifted up) and the odd-numbered ones (the high half, as it lies). The query rows are
+// put in that order too, so their scores come out as they are; the values' sums come out in it, and are
+// put back in order once a call (store32_in_order). Decode steps at batch 8 and at long contexts took less
+// time this way, short batch-1 ones about the same (BENCHMARKS.md).
+
+// 32 numbers at p as floats in two vectors (a, b): for bfloat16, the even- then odd-numbered ones
+template <typename T>
+inline void load32_floats(const T* p, __m512& a, __m512& b) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m512i x = _mm512_loadu_si512(p);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    b = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else if constexpr (std::is_same_v<T, float>) {
+    a = _mm512_loadu_ps(p);
+    b = _mm512_loadu_ps(p + 16);
+  } else {
+    a = load16(p);
+    b = load16(p + 16);
+  }
+}
+
+// 32 floats in load32_floats's order for T (a, b) back in order, to p
+template <typename T>
+inline void store32_in_order(float* p, __m512 a, __m512 b) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512 first = _mm512_permutex2var_ps(a, low, b);
+    b = _mm512_permutex2var_ps(a, high, b);
+    a = first;
+  }
+  _mm512_storeu_ps(p, a);
+  _mm512_storeu_ps(p + 16, b);
+}
+
+// 8 vectors -> their 8 sums, in order: pairs of vectors into one (a half each), twice, then within the
+// 128-bit lanes
+inline __m256 hsum8_wide(const __m512* a) {
+  __m512 c[4], e[2];
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)  // 128-bit lane j of e[i]: key 4i + j's four sums
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane j: key j's two sums, key 4 + j's two
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 g = _mm512_add_ps(f, _mm512_shuffle_ps(f, f, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, g));
+}
+
+// attend's sums in 512-bit vectors, KEYS keys' scores at a time (R * KEYS sums of the 32 registers); the same
+// arguments, D a multiple of 32
+template <int R, typename T, typename O>
+void attend16(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_t D, int64_t ldk, int64_t ldv,
+              const bool* const* masks, int64_t mask_step, float scale, O* out, int64_t ldo, float* stats,
+              float* scores, float* qf) {
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512 a, b;
+      load32_floats(q + r * ldq + d, a, b);
+      _mm512_storeu_ps(qf + r * D + d, _mm512_mul_ps(a, scale16));
+      _mm512_storeu_ps(qf + r * D + d + 16, _mm512_mul_ps(b, scale16));
+    }
+  constexpr int KEYS = 8;
+  const CacheAhead<T> ahead(k, v, L, D, ldk, ldv);
+  int64_t l = 0;
+  for (; l + KEYS <= L; l += KEYS) {
+    ahead.keys(l, KEYS);
+    __m512 acc[R][KEYS];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < KEYS; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+#pragma GCC unroll 8
+      for (int j = 0; j < KEYS; ++j) {
+        __m512 a, b;
+        load32_floats(k + (l + j) * ldk + d, a, b);
+#pragma GCC unroll 3
+        for (int r = 0; r < R; ++r) {
+          acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * D + d), a, acc[r][j]);
+          acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * D + d + 16), b, acc[r][j]);
+        }
+      }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(scores + r * L + l, hsum8_wide(acc[r]));
+  }
+  for (; l < L; ++l)
+    for (int r = 0; r < R; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512 a, b;
+        load32_floats(k + l * ldk + d, a, b);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * D + d), a, acc);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * D + d + 16), b, acc);
+      }
+      scores[r * L + l] = _mm512_reduce_add_ps(acc);
+    }
+  float inv[R];
+  softmax_rows<R>(scores, L, masks, mask_step, stats, inv);
+  // the values' sums, 32 numbers of each row at a time: up to four such (R * 8 sums in registers)
+  constexpr int64_t STEP = 128;
+  for (int64_t d0 = 0; d0 < D; d0 += STEP) {
+    const int64_t chunks = std::min<int64_t>(D - d0, STEP) / 32;
+    as_constant<STEP / 32>(chunks, [&](auto C) {
+      constexpr int N = decltype(C)::value;
+      __m512 acc[R][2 * N];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 2 * N; ++j) acc[r][j] = _mm512_setzero_ps();
+      for (int64_t l = 0; l < L; ++l) {
+        if (!weighed<R>(scores, L, l)) continue;
+        for (int c = 0; c < N; ++c) {
+          __m512 a, b;
+          load32_floats(v + l * ldv + d0 + 32 * c, a, b);
+          for (int r = 0; r < R; ++r) {
+            const __m512 w = _mm512_set1_ps(scores[r * L + l]);
+            acc[r][2 * c] = _mm512_fmadd_ps(w, a, acc[r][2 * c]);
+            acc[r][2 * c + 1] = _mm512_fmadd_ps(w, b, acc[r][2 * c + 1]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < N; ++c) store32_in_order<T>(qf + r * D + d0 + 32 * c, acc[r][2 * c], acc[r][2 * c + 1]);
+    });
+  }
+  store_rows<R>(qf, D, inv, out, ldo);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // The ops: outputs split among PyTorch's threads, WIDTH at a time (the int4 product's eight at once,
@@ -1232,6 +1402,13 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
           const auto* k = kp + b * key.stride(0) + h * key.stride(1) + lo * key.stride(2);
           const auto* v = vp + b * value.stride(0) + h * value.stride(1) + lo * value.stride(2);
           auto attend_to = [&](auto* o, int64_t ldo, float* stats) {
+#ifdef HAVE_AVX512
+            if (D % 32 == 0)
+              return attend16<decltype(R)::value>(qp + first * D, D, k, v, hi - lo, D, key.stride(2),
+                                                  value.stride(2), mask ? row_masks : nullptr, ml,
+                                                  static_cast<float>(scale), o, ldo, stats, buffer.data(),
+                                                  buffer.data() + ATTEND_ROWS * L);
+#endif
             attend<decltype(R)::value>(qp + first * D, D, k, v, hi - lo, D, key.stride(2), value.stride(2),
                                        mask ? row_masks : nullptr, ml, static_cast<float>(scale), o, ldo, stats,
                                        buffer.data(), buffer.data() + ATTEND_ROWS * L);

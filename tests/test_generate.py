@@ -255,16 +255,19 @@ def test_an_exported_step_is_written_whole_once_and_loaded_after(tiny, tmp_path,
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
+@pytest.mark.parametrize("D", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_few_query_attention_equals_sdpa(dtype):
+def test_few_query_attention_equals_sdpa(dtype, D):
     """The decode step's attention as sums (what the CPU compiles) and qkernels.cpp's (where it is built)
     against PyTorch's kernel, all against float64: K/V read as a slice of a longer cache (rows wider than
-    a head), a causal bool mask per row (and, for the sums, the additive form), keys not a multiple of 8."""
+    a head), a causal bool mask per row (and, for the sums, the additive form), keys not a multiple of 8.
+    Heads of 16 and 64 (qkernels.cpp's 512-bit attention takes multiples of 32, where the CPU has it)."""
     g = torch.Generator().manual_seed(0)
+    scale = D ** -0.5
     # (B, H, S, D): 2 rows, 3 heads, 7 query rows (the kernel takes them 3 at a time: 3, 3 and 1)
-    q = torch.randn(2, 3, 7, 16, generator=g).to(dtype)
-    cache = torch.randn(2, 3, 64, 32, generator=g).to(dtype)
-    k, v = cache[:, :, :37, :16], cache[:, :, :37, 16:]
+    q = torch.randn(2, 3, 7, D, generator=g).to(dtype)
+    cache = torch.randn(2, 3, 64, 2 * D, generator=g).to(dtype)
+    k, v = cache[:, :, :37, :D], cache[:, :, :37, D:]
     pos = torch.tensor([30, 5])[:, None] + torch.arange(7)  # each row's query positions, (B, S)
     mask = (torch.arange(37) <= pos[:, :, None]).unsqueeze(1)  # (B, 1, S, L)
     additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
@@ -274,28 +277,28 @@ def test_few_query_attention_equals_sdpa(dtype):
     outputs += [F.scaled_dot_product_attention(q, k, v, attn_mask=m) for m in (mask, additive)]
     kernels = qlinear.cpu_kernels()
     if kernels:
-        outputs.append(torch.ops.nimblelm.few_query_attention(q, k, v, mask, 16 ** -0.5))
+        outputs.append(torch.ops.nimblelm.few_query_attention(q, k, v, mask, scale))
     for ours in outputs:
         assert ours.dtype == dtype and ours.shape == q.shape
         torch.testing.assert_close(ours.double(), reference, atol=tol, rtol=0)
     # masks broadcast: one row's for both rows, given per head (zero strides); each row's first query's for all
     for m in (mask[:1].expand(2, 3, 7, 37), mask[:, :, :1]) if kernels else ():
-        ours = torch.ops.nimblelm.few_query_attention(q, k, v, m, 16 ** -0.5)
+        ours = torch.ops.nimblelm.few_query_attention(q, k, v, m, scale)
         expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m)
         torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
     if not kernels:
         return
     # a batch-1 step's three heads on two threads: the keys go in parts, combined by their softmax's sums; the
     # first query row sees only the first part's keys, so the second part has nothing to attend to there
-    q, cache = q[:1, :, :3], torch.randn(1, 3, 300, 32, generator=g).to(dtype)
-    k, v = cache[..., :16], cache[..., 16:]
+    q, cache = q[:1, :, :3], torch.randn(1, 3, 300, 2 * D, generator=g).to(dtype)
+    k, v = cache[..., :D], cache[..., D:]
     mask = (torch.arange(300) <= torch.tensor([40, 200, 299])[:, None]).expand(1, 1, 3, 300)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        ours = torch.ops.nimblelm.few_query_attention(q, k, v, mask, 16 ** -0.5)
+        ours = torch.ops.nimblelm.few_query_attention(q, k, v, mask, scale)
         # the same parts through the threads of a KernelTeam (decode.ExportedStep's)
-        with_team = qlinear.KernelTeam().run(torch.ops.nimblelm.few_query_attention, q, k, v, mask, 16 ** -0.5)
+        with_team = qlinear.KernelTeam().run(torch.ops.nimblelm.few_query_attention, q, k, v, mask, scale)
     finally:
         torch.set_num_threads(threads)
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
