@@ -662,7 +662,8 @@ constexpr int64_t ATTEND_PART_KEYS = 64, ATTEND_MAX_PARTS = 64;
 
 // The cache's rows come from memory (a step's weights have passed through the caches since this layer's
 // last step): the first ATTEND_AHEAD keys at once, then (keys()) keys that far ahead and the values of the
-// keys being scored, which the weighted sums read next
+// keys being scored, which the weighted sums read next. Its loops are inlined by force: GCC's own choice
+// left the attention taking 1.2-1.6 times as long as with the same loops written in place.
 template <typename T>
 class CacheAhead {
  public:
@@ -671,7 +672,7 @@ class CacheAhead {
     for (int64_t j = 0; j < std::min<int64_t>(ATTEND_AHEAD, L); ++j) row(k + j * ldk);
   }
   // for the n keys from l on, whose scores come next
-  void keys(int64_t l, int n) const {
+  __attribute__((always_inline)) void keys(int64_t l, int n) const {
     for (int j = 0; j < n; ++j) {
       row(k_ + (l + j + ATTEND_AHEAD) * ldk_);
       row(v_ + (l + j) * ldv_);
@@ -679,7 +680,7 @@ class CacheAhead {
   }
 
  private:
-  void row(const T* p) const {
+  __attribute__((always_inline)) void row(const T* p) const {
     for (int64_t b = 0; b < bytes_; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
   }
   const T *k_, *v_;
@@ -1402,16 +1403,15 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
           const auto* k = kp + b * key.stride(0) + h * key.stride(1) + lo * key.stride(2);
           const auto* v = vp + b * value.stride(0) + h * value.stride(1) + lo * value.stride(2);
           auto attend_to = [&](auto* o, int64_t ldo, float* stats) {
+            constexpr int rows = decltype(R)::value;
+            using T = std::remove_pointer_t<decltype(qp)>;
+            using O = std::remove_pointer_t<decltype(o)>;
+            auto* kernel = &attend<rows, T, O>;
 #ifdef HAVE_AVX512
-            if (D % 32 == 0)
-              return attend16<decltype(R)::value>(qp + first * D, D, k, v, hi - lo, D, key.stride(2),
-                                                  value.stride(2), mask ? row_masks : nullptr, ml,
-                                                  static_cast<float>(scale), o, ldo, stats, buffer.data(),
-                                                  buffer.data() + ATTEND_ROWS * L);
+            if (D % 32 == 0) kernel = &attend16<rows, T, O>;
 #endif
-            attend<decltype(R)::value>(qp + first * D, D, k, v, hi - lo, D, key.stride(2), value.stride(2),
-                                       mask ? row_masks : nullptr, ml, static_cast<float>(scale), o, ldo, stats,
-                                       buffer.data(), buffer.data() + ATTEND_ROWS * L);
+            kernel(qp + first * D, D, k, v, hi - lo, D, key.stride(2), value.stride(2), mask ? row_masks : nullptr,
+                   ml, static_cast<float>(scale), o, ldo, stats, buffer.data(), buffer.data() + ATTEND_ROWS * L);
           };
           if (parts == 1)
             attend_to(op + first * D, D, nullptr);
