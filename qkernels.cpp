@@ -945,13 +945,14 @@ void attend16(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_
         for (int j = 0; j < 2 * N; ++j) acc[r][j] = _mm512_setzero_ps();
       for (int64_t key = 0; key < L; ++key) {
         if (!weighed<R>(scores, L, key)) continue;
+        __m512 w[R];
+        for (int r = 0; r < R; ++r) w[r] = _mm512_set1_ps(scores[r * L + key]);
         for (int c = 0; c < N; ++c) {
           __m512 a, b;
           load32_floats(v + key * ldv + d0 + 32 * c, a, b);
           for (int r = 0; r < R; ++r) {
-            const __m512 w = _mm512_set1_ps(scores[r * L + key]);
-            acc[r][2 * c] = _mm512_fmadd_ps(w, a, acc[r][2 * c]);
-            acc[r][2 * c + 1] = _mm512_fmadd_ps(w, b, acc[r][2 * c + 1]);
+            acc[r][2 * c] = _mm512_fmadd_ps(w[r], a, acc[r][2 * c]);
+            acc[r][2 * c + 1] = _mm512_fmadd_ps(w[r], b, acc[r][2 * c + 1]);
           }
         }
       }
