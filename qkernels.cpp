@@ -27,7 +27,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
@@ -1135,6 +1135,52 @@ class Team {
 };
 thread_local Team* Team::current = nullptr;
 
+// The ops' outputs, kept by the thread that made them for its later calls of the same shape. A decode step
+// makes some 150 outputs of a few shapes, each dropped within the step; making each anew (PyTorch's
+// dispatcher, the heap, a TensorImpl and its storage, all out of the caches that the weights' reads have just
+// swept) took 1-2% of a step (BENCHMARKS.md). A kept output is handed out again only where nothing else holds
+// it, its storage or a weak reference to it: one that Python has wrapped stays held, and gives its place up
+// in turn.
+class KeptOutputs {
+ public:
+  at::Tensor get(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const at::ScalarType dtype = options.dtype().toScalarType();
+    for (const Kept& k : kept_)
+      if (k.dtype == dtype && at::IntArrayRef(k.sizes) == sizes && idle(k.t, sizes)) return k.t;
+    at::Tensor t = at::empty(sizes, options);
+    if (t.nbytes() > MAX_BYTES) return t;
+    Kept k{t, dtype, c10::SmallVector<int64_t, 4>(sizes.begin(), sizes.end())};
+    if (kept_.size() < MAX_KEPT) kept_.push_back(std::move(k));
+    else kept_[next_++ % MAX_KEPT] = std::move(k);  // the oldest place, held or not
+    return t;
+  }
+
+ private:
+  static constexpr size_t MAX_KEPT = 16, MAX_BYTES = size_t(1) << 20;
+  // held by nothing else; as it was made (no one has restrided it or its storage in place, nor given it an
+  // autograd history); and an inference tensor just where at::empty would make one now
+  static bool idle(const at::Tensor& t, at::IntArrayRef sizes) {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    const c10::Storage& storage = impl->storage();
+    return t.use_count() == 1 && t.weak_use_count() == 1 && storage.use_count() == 1 && t.sizes() == sizes &&
+           t.is_contiguous() && t.storage_offset() == 0 && storage.nbytes() >= t.nbytes() &&
+           impl->autograd_meta() == nullptr && t.is_inference() == c10::InferenceMode::is_enabled();
+  }
+  struct Kept {
+    at::Tensor t;
+    at::ScalarType dtype;
+    c10::SmallVector<int64_t, 4> sizes;
+  };
+  std::vector<Kept> kept_;
+  size_t next_ = 0;
+};
+
+// an op's output: uninitialized, contiguous
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local KeptOutputs kept;
+  return kept.get(sizes, options);
+}
+
 // the threads an op may split its work among: its team's, else PyTorch's
 int64_t available_threads() { return Team::current ? Team::current->size() : at::get_num_threads(); }
 
@@ -1179,7 +1225,7 @@ at::Tensor product(const at::Tensor& x, int64_t N, Output output, const at::Tens
                    const Activations* a = nullptr) {
   const Stream stream{static_cast<const char*>(weight.data_ptr()), static_cast<int64_t>(weight.nbytes())};
   const int64_t M = x.size(0), units = (N + WIDTH - 1) / WIDTH, grain = std::max(16 / WIDTH, 1);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = new_output({M, N}, x.options());
   float* out = y.data_ptr<float>();
   auto outputs = [&](int64_t begin, int64_t end) {
     for (int64_t n = begin * WIDTH; n < std::min(end * WIDTH, N); n += WIDTH)
@@ -1374,7 +1420,7 @@ at::Tensor few_query_attention(const at::Tensor& query, const at::Tensor& key, c
     }
     mask = m.data_ptr<bool>();
   }
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = new_output(q.sizes(), q.options());
   // units of work: a batch row, a head and up to ATTEND_ROWS of its query rows (with grouped-query attention,
   // the query heads that share this key/value head: model.py stacks them as rows). Where they do not divide
   // among the threads (a batch-1 step of a model with three key/value heads, on two threads), each unit's
@@ -1513,7 +1559,7 @@ at::Tensor argmax(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0 &&
                   x.size(1) < (int64_t(1) << 31), "x: a contiguous [B, V] float32, 0 < V < 2^31");
   const int64_t B = x.size(0), V = x.size(1);
-  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  at::Tensor out = new_output({B}, x.options().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
