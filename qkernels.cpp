@@ -1135,24 +1135,41 @@ class Team {
 };
 thread_local Team* Team::current = nullptr;
 
-// The ops' outputs, kept by the thread that made them for its later calls of the same shape. A decode step
-// makes some 150 outputs of a few shapes, each dropped within the step; making each anew (PyTorch's
-// dispatcher, the heap, a TensorImpl and its storage, all out of the caches that the weights' reads have just
-// swept) took 1-2% of a step (BENCHMARKS.md). A kept output is handed out again only where nothing else holds
-// it, its storage or a weak reference to it: one that Python has wrapped stays held, and gives its place up
-// in turn.
+// The ops' outputs, in the steps that decode.ExportedStep compiles, kept by the thread that made them for its
+// later calls of the same shape. Such a step makes some 150 outputs of a few shapes and drops each within
+// the step; making each anew (PyTorch's dispatcher, the heap, a TensorImpl and its storage, all out of the
+// caches that the weights' reads have just swept) took 1-2% of a step (BENCHMARKS.md). A kept output is
+// handed out again only where nothing else holds it, its storage or a weak reference to it. The step's
+// own outputs go on to Python, which then holds them: those are let go at the next call of their shape,
+// and never at the thread's end (the interpreter may be gone by then: they are left to the process's).
+// Calls from Python keep nothing (KeepOutputs), as before.
 class KeptOutputs {
  public:
   at::Tensor get(at::IntArrayRef sizes, const at::TensorOptions& options) {
     const at::ScalarType dtype = options.dtype().toScalarType();
-    for (const Kept& k : kept_)
-      if (k.dtype == dtype && at::IntArrayRef(k.sizes) == sizes && idle(k.t, sizes)) return k.t;
+    Kept* place = nullptr;
+    for (Kept& k : kept_) {
+      if (!k.t.defined()) {
+        place = place ? place : &k;
+        continue;
+      }
+      if (k.dtype != dtype || at::IntArrayRef(k.sizes) != sizes) continue;
+      if (idle(k.t, sizes)) return k.t;
+      if (k.t.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj()) {  // Python's now
+        k.t.reset();
+        place = place ? place : &k;
+      }
+    }
     at::Tensor t = at::empty(sizes, options);
     if (t.nbytes() > MAX_BYTES) return t;
-    Kept k{t, dtype, c10::SmallVector<int64_t, 4>(sizes.begin(), sizes.end())};
-    if (kept_.size() < MAX_KEPT) kept_.push_back(std::move(k));
-    else kept_[next_++ % MAX_KEPT] = std::move(k);  // the oldest place, held or not
+    if (!place && kept_.size() < MAX_KEPT) place = &kept_.emplace_back();
+    if (!place) place = &kept_[next_++ % MAX_KEPT];  // the oldest place, held or not
+    *place = {t, dtype, c10::SmallVector<int64_t, 4>(sizes.begin(), sizes.end())};
     return t;
+  }
+  ~KeptOutputs() {
+    for (Kept& k : kept_)
+      if (k.t.defined() && k.t.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj()) (void)k.t.unsafeReleaseTensorImpl();
   }
 
  private:
@@ -1175,8 +1192,17 @@ class KeptOutputs {
   size_t next_ = 0;
 };
 
+thread_local bool keep_outputs = false;  // in a call from a compiled step's library (KeepOutputs)
+
+struct KeepOutputs {  // for the ops' C entry points' calls
+  const bool before = keep_outputs;
+  KeepOutputs() { keep_outputs = true; }
+  ~KeepOutputs() { keep_outputs = before; }
+};
+
 // an op's output: uninitialized, contiguous
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!keep_outputs) return at::empty(sizes, options);
   thread_local KeptOutputs kept;
   return kept.get(sizes, options);
 }
@@ -1582,25 +1608,38 @@ AtenTensorHandle handle(at::Tensor t) { return torch::aot_inductor::new_tensor_h
 extern "C" {
 AOTITorchError aoti_torch_cpu_q8_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle scales,
                                         AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(q8_linear(tensor(x), tensor(weight), tensor(scales))); });
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    KeepOutputs keep;
+    *ret0 = handle(q8_linear(tensor(x), tensor(weight), tensor(scales)));
+  });
 }
 AOTITorchError aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle weight, int64_t N,
                                         AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(q4_linear(tensor(x), tensor(weight), N)); });
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    KeepOutputs keep;
+    *ret0 = handle(q4_linear(tensor(x), tensor(weight), N));
+  });
 }
 AOTITorchError aoti_torch_cpu_half_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(half_linear(tensor(x), tensor(weight))); });
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    KeepOutputs keep;
+    *ret0 = handle(half_linear(tensor(x), tensor(weight)));
+  });
 }
 AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, AtenTensorHandle key, AtenTensorHandle value,
                                                   AtenTensorHandle* attn_mask, double scale, AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    KeepOutputs keep;
     std::optional<at::Tensor> mask;
     if (attn_mask) mask = tensor(*attn_mask);
     *ret0 = handle(few_query_attention(tensor(query), tensor(key), tensor(value), mask, scale));
   });
 }
 AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({ *ret0 = handle(argmax(tensor(x))); });
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    KeepOutputs keep;
+    *ret0 = handle(argmax(tensor(x)));
+  });
 }
 
 // The team's entry points, which qlinear.KernelTeam calls through ctypes. nimblelm_team_run: fn(arg) on the

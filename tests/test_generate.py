@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import decode as G
 import qlinear
 from checkpoint import load_model
-from conftest import converted_checkpoint, fixture, run_commands, run_script
+from conftest import converted_checkpoint, fixture, run_commands, run_python, run_script
 from decode import Steps, TextStream, generate
 from sampling import SamplingParams, argmax, sample
 from tokenizer import get_tokenizer
@@ -253,6 +253,43 @@ def test_an_exported_step_is_written_whole_once_and_loaded_after(tiny, tmp_path,
         assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == files
     finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
+
+
+def test_threads_that_decoded_with_exported_steps_end_and_so_does_the_process(tiny):
+    """qkernels.cpp keeps the ops' outputs of an exported step for the thread's later calls, the step's own
+    outputs among them, which Python then holds (KeptOutputs): threads that decoded that way end, and the
+    process after them, cleanly (none of those is let go through Python as a thread ends, when the
+    interpreter may be finishing), each with the tokens of eager decoding."""
+    if not qlinear.cpu_kernels():
+        pytest.skip("qkernels.cpp is not built here: no step is exported")
+    _, model, path = tiny
+    prompt = list(range(1, 20))
+    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)  # (test_compiled_decode's step)
+    try:
+        eager = run(model, prompt, 8)
+    finally:
+        model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
+    script = f"""
+import threading
+from checkpoint import load_model
+from decode import KV_BLOCK, ExportedStep, Steps, generate
+from sampling import SamplingParams
+model = load_model({path!r})
+model.setup_caches(max_batch_size=1, max_seq_length=2 * KV_BLOCK)
+tokens = []
+def decode():
+    steps = Steps(model, compile=True)
+    assert isinstance(steps.decode, ExportedStep)
+    tokens.append(list(generate(model, {prompt!r}, SamplingParams(max_tokens=8), steps=steps)))
+for _ in range(3):
+    thread = threading.Thread(target=decode)
+    thread.start()
+    thread.join()
+print(tokens)
+"""
+    r = run_python("-c", script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str([eager] * 3)
 
 
 @pytest.mark.parametrize("D", [16, 64])

@@ -171,30 +171,6 @@ def test_cpu_kernels_equal_on_any_number_of_threads(rows):
             assert torch.equal(a, b)
 
 
-def test_kernel_outputs_are_never_handed_out_while_held():
-    """qkernels.cpp keeps its ops' outputs for their later calls of the same shape (KeptOutputs) and hands
-    one out again only where nothing holds it: outputs held across calls keep their values, whichever
-    thread or mode made them, and one made in inference mode does not come back as an inference tensor
-    outside it."""
-    if not qlinear.cpu_kernels():
-        pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
-    torch.manual_seed(0)
-    layer = qlinear.Int8Linear(64, 96)
-    layer.weight, layer.scales = Q.quantize_int8(torch.randn(96, 64) * 0.05)
-    layer.prepare()
-    xs = [torch.randn(1, 64) for _ in range(40)]
-    with torch.inference_mode():
-        held = [layer(x) for x in xs]
-        for _ in range(3):  # dropped at once: their places are handed out again
-            layer(xs[0])
-    kept = [h.clone() for h in held]
-    outside = [layer(x) for x in xs]  # outside inference mode now
-    assert all(torch.equal(h, k) for h, k in zip(held, kept))
-    assert len({o.data_ptr() for o in outside + held}) == 2 * len(xs)
-    assert all(torch.equal(o, h) for o, h in zip(outside, held)) and not any(o.is_inference() for o in outside)
-    outside[0].add_(1)  # (an inference tensor would refuse this here)
-
-
 def test_kernel_team_passes_on_errors_and_nests():
     """A KernelTeam's call raises what the function raised, as it is, and the team serves the next call; a
     call inside another's runs on the outer team."""
