@@ -1141,8 +1141,8 @@ thread_local Team* Team::current = nullptr;
 // caches that the weights' reads have just swept) took 1-2% of a step (BENCHMARKS.md). A kept output is
 // handed out again only where nothing else holds it, its storage or a weak reference to it. The step's
 // own outputs go on to Python, which then holds them: those are let go at the next call of their shape,
-// and never at the thread's end (the interpreter may be gone by then: they are left to the process's).
-// Calls from Python keep nothing (KeepOutputs), as before.
+// and never at the thread's end (the interpreter may be finishing then: they are left to the process).
+// Calls through PyTorch's dispatcher keep nothing (KeepOutputs): their outputs are Python's at once.
 class KeptOutputs {
  public:
   at::Tensor get(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -1163,7 +1163,7 @@ class KeptOutputs {
     at::Tensor t = at::empty(sizes, options);
     if (t.nbytes() > MAX_BYTES) return t;
     if (!place && kept_.size() < MAX_KEPT) place = &kept_.emplace_back();
-    if (!place) place = &kept_[next_++ % MAX_KEPT];  // the oldest place, held or not
+    if (!place) place = &kept_[next_++ % MAX_KEPT];  // the places in turn, held or not
     *place = {t, dtype, c10::SmallVector<int64_t, 4>(sizes.begin(), sizes.end())};
     return t;
   }
