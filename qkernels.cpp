@@ -1183,7 +1183,7 @@ class KeptOutputs {
            t.is_contiguous() && t.storage_offset() == 0 && storage.nbytes() >= t.nbytes() &&
            impl->autograd_meta() == nullptr && t.is_inference() == c10::InferenceMode::is_enabled();
   }
-  struct Kept {
+  struct Kept {  // (its dtype and sizes copied here: looking for a shape reads no TensorImpl out of memory)
     at::Tensor t;
     at::ScalarType dtype;
     c10::SmallVector<int64_t, 4> sizes;
