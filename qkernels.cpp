@@ -245,21 +245,28 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
-// Four outputs (weight rows w, w + K, w + 2K, w + 3K) for one activation row, q8_output<1>'s blocks
-// (the compiler loads each block of the row once for the four), and the four sums added across lanes
-// together (transposed, in q8_output's order: the same results to the bit). At one row, each output's
-// own costs (that addition, its loop's start) are a share of its few blocks' work: 18 or 48 in the
-// default model. A decode step's products took 0.92x the time of one output at a time (BENCHMARKS.md).
-// The four rows are 4 * K contiguous bytes, read side by side: the prefetches run through the next four
-// outputs' rows in order, PREFETCH bytes past them, four lines a pass as fast as these are read. (Ahead of
-// each row on its own, a row's prefetch lands in this pass's later rows, which are being read already: on
-// an AMD EPYC without AVX-512, the int8 batch-1 step took 1.27x as long.)
+// Four outputs (weight rows w, w + K, w + 2K, w + 3K) for one activation row: q8_output<1>'s sums with
+// the signs taken the other way, the row's block unsigned (|q|, once for the four) and q's signs moved onto
+// each weight block, so one sign operation a block rather than two (on an AMD EPYC Zen 2, whose multiplies
+// and sign operations compete for the same few pipes, the int8 batch-1 step 1.015x the tok/s). The four
+// sums are added across lanes together (transposed, in q8_output's order: the same results to the bit). At
+// one row, each output's own costs (that addition, its loop's start) are a share of its few blocks' work:
+// 18 or 48 in the default model. A decode step's products took 0.92x the time of one output at a time
+// (BENCHMARKS.md). The four rows are 4 * K contiguous bytes, read side by side: the prefetches run through
+// the next four outputs' rows in order, PREFETCH bytes past them, four lines a pass as fast as these are
+// read. (Ahead of each row on its own, a row's prefetch lands in this pass's later rows, which are being
+// read already: on the Zen 2 EPYC, the int8 batch-1 step took 1.27-1.29x as long.)
 void q8_outputs4(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K, int64_t nb,
                  float* y) {
   __m256 even[4], odd[4];
   for (int o = 0; o < 4; ++o) even[o] = odd[o] = _mm256_setzero_ps();
   auto block = [&](int64_t b, __m256* acc) {
-    for (int o = 0; o < 4; ++o) q8_block<1>(w + o * K, b, q, d, K, nb, acc + o);
+    const __m256i qb = load32(q + b * QK), aq = _mm256_sign_epi8(qb, qb);
+    const __m256 db = _mm256_broadcast_ss(d + b);
+    for (int o = 0; o < 4; ++o) {
+      const __m256i sw = _mm256_sign_epi8(load32(w + o * K + b * QK), qb);
+      acc[o] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aq, sw)), db, acc[o]);
+    }
   };
   const char* next = reinterpret_cast<const char*>(w + 4 * K) + PREFETCH;
   int64_t b = 0;
