@@ -67,8 +67,8 @@ constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: thei
 #endif
 constexpr int PREFETCH = PREFETCH_BYTES;
 // One row's products, bound by the memory, also ask for the lines this far ahead into the second-level
-// cache, whose requests to the memory outnumber what the first level's fill buffers keep in flight. On an
-// AMD EPYC (Zen 2) without AVX-512, batch-1 decode steps took 2-6% less time (BENCHMARKS.md).
+// cache, so that more reads are in flight than the first level's fill buffers hold. On an AMD EPYC (Zen 2)
+// without AVX-512, batch-1 decode steps took 2-6% less time (BENCHMARKS.md).
 constexpr int PREFETCH_L2 = PREFETCH + 8192;
 constexpr int Q4_OUTPUTS = 8;  // int4 outputs made at once, one per lane
 constexpr int64_t Q4_VALUE_BYTES = Q4_OUTPUTS * QK / 2, Q4_BLOCK_BYTES = Q4_VALUE_BYTES + Q4_OUTPUTS * 4;
@@ -557,8 +557,9 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
   int64_t k = 0;
   for (; k + AHEAD_EVERY <= K; k += AHEAD_EVERY) {
     for (int o = 0; o < O; ++o) _mm_prefetch(ahead + (O * k + o * AHEAD_EVERY) * sizeof(W), _MM_HINT_T0);
-    if constexpr (R == 1)
-      if (k % (64 / sizeof(W)) == 0) _mm_prefetch(ahead + (PREFETCH_L2 - PREFETCH) + k * sizeof(W), _MM_HINT_T1);
+    if constexpr (R == 1)  // a line at a time, through the O rows side by side as the lines above
+      if (O * k % (64 / sizeof(W)) == 0)
+        _mm_prefetch(ahead + (PREFETCH_L2 - PREFETCH) + O * k * sizeof(W), _MM_HINT_T1);
     for (int j = 0; j < AHEAD_EVERY / 8; ++j) step(k + 8 * j, j % U);
   }
   for (; k + 8 <= K; k += 8) step(k, 0);
