@@ -207,6 +207,16 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
                     assert torch.equal(steps.decode(*args), before)
                     assert not torch.equal(G.decode_step(*args), before)
         assert not exported or len(steps.decode.runners) == 1  # one graph (Dynamo's stance does not see it)
+        if exported:  # a step's output that Python holds is not handed out again by the next call (KeptOutputs)
+            with torch.inference_mode():
+                step = [(model, torch.tensor([t]), torch.tensor([p]), None, G.attended_length(model, p + 1), 0.0,
+                         None, None) for t, p in ((5, 50), (9, 51))]
+                first = steps.decode(*step[0])
+                value = first.clone()
+                second = steps.decode(*step[1])
+                assert torch.equal(first, value) and first.data_ptr() != second.data_ptr()
+                assert torch.equal(first, G.decode_step(*step[0])) and torch.equal(second, G.decode_step(*step[1]))
+            assert len(steps.decode.runners) == 1
     finally:
         with torch.no_grad():
             model.output.weight.copy_(head)
