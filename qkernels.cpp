@@ -66,10 +66,10 @@ constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: thei
 #define PREFETCH_BYTES 2048
 #endif
 constexpr int PREFETCH = PREFETCH_BYTES;
-// One row's products, bound by the memory, also ask for the lines this far ahead into the second-level
-// cache, so that more reads are in flight than the first level's fill buffers hold. On an AMD EPYC (Zen 2)
-// without AVX-512, batch-1 decode steps took 2-6% less time (BENCHMARKS.md).
-constexpr int PREFETCH_L2 = PREFETCH + 8192;
+// One row's products, bound by the memory, also ask for the lines this much farther ahead than PREFETCH
+// into the second-level cache, so that more reads are in flight than the first level's fill buffers hold.
+// On an AMD EPYC (Zen 2) without AVX-512, batch-1 decode steps took 2-6% less time (BENCHMARKS.md).
+constexpr int PREFETCH_FARTHER = 8192;
 constexpr int Q4_OUTPUTS = 8;  // int4 outputs made at once, one per lane
 constexpr int64_t Q4_VALUE_BYTES = Q4_OUTPUTS * QK / 2, Q4_BLOCK_BYTES = Q4_VALUE_BYTES + Q4_OUTPUTS * 4;
 
@@ -273,7 +273,7 @@ void q8_outputs4(const int8_t* w, const float* scale, const int8_t* q, const flo
   for (; b + 1 < nb; b += 2) {
     for (int line = 0; line < 4; ++line) {
       _mm_prefetch(next + b * 4 * QK + 64 * line, _MM_HINT_T0);
-      _mm_prefetch(next + (PREFETCH_L2 - PREFETCH) + b * 4 * QK + 64 * line, _MM_HINT_T1);
+      _mm_prefetch(next + PREFETCH_FARTHER + b * 4 * QK + 64 * line, _MM_HINT_T1);
     }
     block(b, even);
     block(b + 1, odd);
@@ -393,7 +393,7 @@ void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* s
     const char* ahead = reinterpret_cast<const char*>(w + b * Q4_BLOCK_BYTES + PREFETCH);
     for (int line = 0; line < Q4_BLOCK_BYTES; line += 64) {
       _mm_prefetch(ahead + line, _MM_HINT_T0);
-      if constexpr (R == 1) _mm_prefetch(ahead + (PREFETCH_L2 - PREFETCH) + line, _MM_HINT_T1);
+      if constexpr (R == 1) _mm_prefetch(ahead + PREFETCH_FARTHER + line, _MM_HINT_T1);
     }
     q4_block<R>(w + b * Q4_BLOCK_BYTES, q, d, sums, K, nb, b, acc, offsets);
   }
@@ -558,8 +558,7 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
   for (; k + AHEAD_EVERY <= K; k += AHEAD_EVERY) {
     for (int o = 0; o < O; ++o) _mm_prefetch(ahead + (O * k + o * AHEAD_EVERY) * sizeof(W), _MM_HINT_T0);
     if constexpr (R == 1)  // a line at a time, through the O rows side by side as the lines above
-      if (O * k % (64 / sizeof(W)) == 0)
-        _mm_prefetch(ahead + (PREFETCH_L2 - PREFETCH) + O * k * sizeof(W), _MM_HINT_T1);
+      if (O * k % (64 / sizeof(W)) == 0) _mm_prefetch(ahead + PREFETCH_FARTHER + O * k * sizeof(W), _MM_HINT_T1);
     for (int j = 0; j < AHEAD_EVERY / 8; ++j) step(k + 8 * j, j % U);
   }
   for (; k + 8 <= K; k += 8) step(k, 0);
