@@ -66,8 +66,8 @@ constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: thei
 #define PREFETCH_BYTES 2048
 #endif
 constexpr int PREFETCH = PREFETCH_BYTES;
-// One row's products, bound by the memory, also ask for the lines this much farther ahead than PREFETCH
-// into the second-level cache, so that more reads are in flight than the first level's fill buffers hold.
+// One row's products, bound by the memory, also ask for the lines this much farther ahead than their
+// first-level prefetch, into the second-level cache, so that more reads are in flight than the first level's fill buffers hold.
 // On an AMD EPYC (Zen 2) without AVX-512, batch-1 decode steps took 2-6% less time (BENCHMARKS.md).
 constexpr int PREFETCH_FARTHER = 8192;
 constexpr int Q4_OUTPUTS = 8;  // int4 outputs made at once, one per lane
@@ -230,6 +230,15 @@ inline void q8_block(const int8_t* w, int64_t b, const int8_t* q, const float* d
   }
 }
 
+// At one row, bound by the memory, one output at a time: the weight is read as one sequential stream, each
+// line asked for into the first-level cache ONE_ROW_INT8_AHEAD bytes ahead and into the second PREFETCH_FARTHER
+// beyond that. (Four outputs side by side, sharing the work on the row's blocks, read four streams at once:
+// on an AMD EPYC (Zen 2), their loads alone, with no arithmetic, came at four fifths of one stream's speed.
+// One output at a time 2 KiB ahead, as the other products prefetch, took as long as those four; 1 KiB ahead,
+// the int8 batch-1 step was 1.06x the tok/s. Half the other products' distance was measured there only:
+// BENCHMARKS.md.)
+constexpr int ONE_ROW_INT8_AHEAD = PREFETCH / 2;
+
 template <int R>
 void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, int64_t K, int64_t nb, float* y,
                int64_t ldy) {
@@ -237,7 +246,13 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 1 < nb; b += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + b * QK + PREFETCH), _MM_HINT_T0);
+    const char* line = reinterpret_cast<const char*>(w + b * QK);
+    if constexpr (R == 1) {
+      _mm_prefetch(line + ONE_ROW_INT8_AHEAD, _MM_HINT_T0);
+      _mm_prefetch(line + ONE_ROW_INT8_AHEAD + PREFETCH_FARTHER, _MM_HINT_T1);
+    } else {
+      _mm_prefetch(line + PREFETCH, _MM_HINT_T0);
+    }
     q8_block<R>(w, b, q, d, K, nb, even);
     q8_block<R>(w, b + 1, q, d, K, nb, odd);
   }
@@ -245,56 +260,12 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
-// Four outputs (weight rows w, w + K, w + 2K, w + 3K) for one activation row: q8_output<1>'s sums with
-// the signs taken the other way, the row's block unsigned (|q|, once for the four) and q's signs moved onto
-// each weight block, so one sign operation a block rather than two (on an AMD EPYC Zen 2, whose multiplies
-// and sign operations compete for the same few pipes, the int8 batch-1 step 1.015x the tok/s). The four
-// sums are added across lanes together (transposed, in q8_output's order: the same results to the bit). At
-// one row, each output's own costs (that addition, its loop's start) are a share of its few blocks' work:
-// 18 or 48 in the default model. A decode step's products took 0.92x the time of one output at a time
-// (BENCHMARKS.md). The four rows are 4 * K contiguous bytes, read side by side: the prefetches run through
-// the next four outputs' rows in order, PREFETCH bytes past them, four lines a pass as fast as these are
-// read. (Ahead of each row on its own, a row's prefetch lands in this pass's later rows, which are being
-// read already: on the Zen 2 EPYC, the int8 batch-1 step took 1.27-1.29x as long.)
-void q8_outputs4(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K, int64_t nb,
-                 float* y) {
-  __m256 even[4], odd[4];
-  for (int o = 0; o < 4; ++o) even[o] = odd[o] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, __m256* acc) {
-    const __m256i qb = load32(q + b * QK), aq = _mm256_sign_epi8(qb, qb);
-    const __m256 db = _mm256_broadcast_ss(d + b);
-    for (int o = 0; o < 4; ++o) {
-      const __m256i sw = _mm256_sign_epi8(load32(w + o * K + b * QK), qb);
-      acc[o] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(aq, sw)), db, acc[o]);
-    }
-  };
-  const char* next = reinterpret_cast<const char*>(w + 4 * K) + PREFETCH;
-  int64_t b = 0;
-  for (; b + 1 < nb; b += 2) {
-    for (int line = 0; line < 4; ++line) {
-      _mm_prefetch(next + b * 4 * QK + 64 * line, _MM_HINT_T0);
-      _mm_prefetch(next + PREFETCH_FARTHER + b * 4 * QK + 64 * line, _MM_HINT_T1);
-    }
-    block(b, even);
-    block(b + 1, odd);
-  }
-  if (b < nb) block(b, even);
-  __m128 s[4];  // each output's 8 lanes added to 4, as hsum does
-  for (int o = 0; o < 4; ++o) {
-    const __m256 v = _mm256_add_ps(even[o], odd[o]);
-    s[o] = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  }
-  _MM_TRANSPOSE4_PS(s[0], s[1], s[2], s[3]);  // s[j] lane o: output o's lane j
-  const __m128 sums = _mm_add_ps(_mm_add_ps(s[0], s[2]), _mm_add_ps(s[1], s[3]));
-  _mm_storeu_ps(y, _mm_mul_ps(_mm_loadu_ps(scale), sums));
-}
-
 // Eight outputs for R rows (2 or more), from the weight as stored: each block of 32 inputs of the eight
 // outputs' rows is transposed in registers so that vector j holds, in lane r, output n + r's inputs
 // 4j..4j + 3 (int4's layout, above). A block's integer sums then stay in int32 lanes, one per output, and
 // are converted and scaled once per block for eight outputs, not once per output: at several rows, where
 // the arithmetic sets the time, that is two of the seven operations per row and block (BENCHMARKS.md).
-// At one row, bound by memory, the transposes cost more than they save: q8_outputs4 runs it.
+// At one row, bound by memory, the transposes cost more than they save: q8_output<1> runs it.
 
 inline void transpose_8x8(__m256i* v) {  // v[r] lane j -> v[j] lane r, lanes of 32 bits
   __m256i t[8], u[8];
@@ -1332,13 +1303,6 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
     }, weight, &a);
 #endif
-  if (x.size(0) == 1)
-    return product<1, 4>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
-      if (n + 4 <= N)
-        q8_outputs4(w + n * K, sc + n, q, d, K, a.nb, y);
-      else  // the last outputs, fewer than four
-        for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    }, weight, &a);
   return product<MAX_ROWS>(x, N, outputs, weight, &a);
 }
 
