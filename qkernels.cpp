@@ -67,8 +67,9 @@ constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: thei
 #endif
 constexpr int PREFETCH = PREFETCH_BYTES;
 // One row's products, bound by the memory, also ask for the lines this much farther ahead than their
-// first-level prefetch, into the second-level cache, so that more reads are in flight than the first level's fill buffers hold.
-// On an AMD EPYC (Zen 2) without AVX-512, batch-1 decode steps took 2-6% less time (BENCHMARKS.md).
+// first-level prefetch, into the second-level cache, so that more reads are in flight than the first
+// level's fill buffers hold. On an AMD EPYC (Zen 2) without AVX-512, batch-1 decode steps took 2-6% less
+// time (BENCHMARKS.md).
 constexpr int PREFETCH_FARTHER = 8192;
 constexpr int Q4_OUTPUTS = 8;  // int4 outputs made at once, one per lane
 constexpr int64_t Q4_VALUE_BYTES = Q4_OUTPUTS * QK / 2, Q4_BLOCK_BYTES = Q4_VALUE_BYTES + Q4_OUTPUTS * 4;
