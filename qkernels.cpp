@@ -57,6 +57,7 @@ namespace {
 
 constexpr int64_t QK = 32;  // inputs per block
 constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: their sums stay in registers
+constexpr int BUFFERED_ROWS = 8;  // rows per pass on AVX2 where the block goes to a buffer (q8_outputs8_buffered)
 // bytes ahead in a weight row to ask the memory for: one core alone keeps too few reads in flight to
 // reach the memory's speed. The best distance differs by CPU, so qlinear.py's build sets it (BENCHMARKS.md):
 // on an AMD EPYC, 2 KiB (bfloat16 and float16 rows took a fifth to a third longer at 1 KiB, and longer at
@@ -261,7 +262,7 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
-// Eight outputs for R rows (2 or more), from the weight as stored: each block of 32 inputs of the eight
+// Eight outputs for R rows (2 to MAX_ROWS), from the weight as stored: each block of 32 inputs of the eight
 // outputs' rows is transposed in registers so that vector j holds, in lane r, output n + r's inputs
 // 4j..4j + 3 (int4's layout, above). A block's integer sums then stay in int32 lanes, one per output, and
 // are converted and scaled once per block for eight outputs, not once per output: at several rows, where
@@ -286,9 +287,11 @@ inline void transpose_8x8(__m256i* v) {  // v[r] lane j -> v[j] lane r, lanes of
   }
 }
 
+// (Not inlined: inlined into the product's lambda beside q8_outputs8_buffered's instances, GCC allocated its
+// registers worse, and four rows took 1.23-1.26x the time they had taken; BENCHMARKS.md.)
 template <int R>
-void q8_outputs8(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K, int64_t nb,
-                 float* y, int64_t ldy) {
+__attribute__((noinline)) void q8_outputs8(const int8_t* w, const float* scale, const int8_t* q, const float* d,
+                                           int64_t K, int64_t nb, float* y, int64_t ldy) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   // the eight rows are 8 * K contiguous bytes: the next eight outputs' are asked for as fast as these are read
@@ -312,39 +315,91 @@ void q8_outputs8(const int8_t* w, const float* scale, const int8_t* q, const flo
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(acc[r], s8));
 }
 
-// Eight outputs' int4 block (in the layout above) for R rows: each 4 inputs of the row's block go to every
-// lane, and multiply there with those 4 inputs of the lane's output. Summed in int16 before widening: each
-// of the eight products is at most 2 * 15 * 127 in magnitude, so their sum fits.
+// Eight outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS). Their sums would not fit beside the
+// block in AVX2's sixteen vector registers (GCC's spills cost more than a second pass over the block
+// saves), while a pass per four rows transposes each block again. Here each block is transposed once into a
+// buffer, in the first-level cache, with its magnitudes beside it, which every row reads; the rows' float
+// sums live in memory (a load and a store per row and block), their integer sums in registers, added in the
+// order written (the empty asm: GCC would otherwise gather a block's products first and spill them). On an
+// AMD EPYC (Zen 3), 0.86-0.90x the time of passes of four at five to eight rows; at four or fewer,
+// 1.01-1.04x, so those stay in registers (BENCHMARKS.md).
 template <int R>
-inline void q4_block(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K, int64_t nb,
-                     int64_t b, __m256* acc, __m256* offsets) {
+void q8_outputs8_buffered(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K,
+                          int64_t nb, float* y, int64_t ldy) {
+  alignas(32) float acc[R][8];
+  alignas(32) __m256i block[8], magnitudes[8];
+  for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], _mm256_setzero_ps());
+  const char* next = reinterpret_cast<const char*>(w + 8 * K);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int line = 0; line < 8 * QK; line += 64) _mm_prefetch(next + b * 8 * QK + line, _MM_HINT_T0);
+    __m256i v[8];
+    for (int r = 0; r < 8; ++r) v[r] = load32(w + r * K + b * QK);
+    transpose_8x8(v);
+    for (int j = 0; j < 8; ++j) {
+      block[j] = v[j];
+      magnitudes[j] = _mm256_sign_epi8(v[j], v[j]);
+    }
+    asm volatile("" ::: "memory");  // the buffer is written here, and read below
+    __m256i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m256i vj = block[j], aw = magnitudes[j];
+      for (int r = 0; r < R; ++r)
+        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(aw, _mm256_sign_epi8(broadcast4(q + r * K + b * QK + 4 * j), vj)));
+      for (int r = 0; r < R; ++r) asm("" : "+x"(dot[r]));
+    }
+    for (int r = 0; r < R; ++r)
+      _mm256_store_ps(acc[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(d + r * nb + b),
+                                              _mm256_load_ps(acc[r])));
+  }
+  const __m256 s8 = _mm256_loadu_ps(scale);
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(_mm256_load_ps(acc[r]), s8));
+}
+
+// An int4 block's 128 bytes of values (the layout above) as unsigned bytes: v[j] and v[j + 4] hold inputs
+// 4j.. and 16 + 4j.. of each lane's output
+inline void q4_values(const uint8_t* w, __m256i* v) {
   const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256i v[8];  // v[j] and v[j + 4]: inputs 4j.. and 16 + 4j.. of each lane's output
   for (int j = 0; j < 4; ++j) {
     const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * j));
     v[j] = _mm256_and_si256(bytes, low);
     v[j + 4] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
   }
+}
+
+// One row's integer sums over an int4 block, one per lane's output: each 4 inputs of the row's block qb go to
+// every lane, and multiply there with those 4 inputs of the lane's output. Summed in int16 before widening:
+// each of the eight products is at most 2 * 15 * 127 in magnitude, so their sum fits.
+inline __m256i q4_dot(const __m256i* v, const int8_t* qb) {
+  auto inputs = [&](int j) { return broadcast4(qb + 4 * j); };  // inputs 4j..4j + 3 in every lane
+#ifdef HAVE_VNNI
+  __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+  for (int j = 0; j < 8; j += 2) {
+    even = dpbusd(even, v[j], inputs(j));
+    odd = dpbusd(odd, v[j + 1], inputs(j + 1));
+  }
+  return _mm256_add_epi32(even, odd);
+#else
+  __m256i p[8];
+  for (int j = 0; j < 8; ++j) p[j] = _mm256_maddubs_epi16(v[j], inputs(j));
+  // added as a tree, so that fewer additions wait on each other
+  const __m256i sum = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                                       _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])));
+  return _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
+#endif
+}
+
+// Eight outputs' int4 block for R rows
+template <int R>
+inline void q4_block(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K, int64_t nb,
+                     int64_t b, __m256* acc, __m256* offsets) {
+  __m256i v[8];
+  q4_values(w, v);
   const __m256 s8 = load_half8(reinterpret_cast<const at::Half*>(w + Q4_VALUE_BYTES));
   const __m256 o8 = load_half8(reinterpret_cast<const at::Half*>(w + Q4_VALUE_BYTES + 2 * Q4_OUTPUTS));
   for (int r = 0; r < R; ++r) {
-    const int8_t* qb = q + r * K + b * QK;
-    auto inputs = [&](int j) { return broadcast4(qb + 4 * j); };  // inputs 4j..4j + 3 in every lane
-#ifdef HAVE_VNNI
-    __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j += 2) {
-      even = dpbusd(even, v[j], inputs(j));
-      odd = dpbusd(odd, v[j + 1], inputs(j + 1));
-    }
-    const __m256i dot = _mm256_add_epi32(even, odd);
-#else
-    __m256i p[8];
-    for (int j = 0; j < 8; ++j) p[j] = _mm256_maddubs_epi16(v[j], inputs(j));
-    // added as a tree, so that fewer additions wait on each other
-    const __m256i sum = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
-                                         _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])));
-    const __m256i dot = _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
-#endif
+    const __m256i dot = q4_dot(v, q + r * K + b * QK);
     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s8, _mm256_broadcast_ss(d + r * nb + b)), acc[r]);
     // one or two rows sum the offsets' terms apart, so that fewer additions wait on each other; for more,
     // the registers would run out (measured slower)
@@ -355,10 +410,12 @@ inline void q4_block(const uint8_t* w, const int8_t* q, const float* d, const fl
   }
 }
 
-// Eight outputs (valid of them real: the last eight of a layer may be padding) for R rows
+// Eight outputs (valid of them real: the last eight of a layer may be padding) for R rows. (Not inlined, as
+// q8_outputs8: inlined beside q4_outputs_buffered's instances, one and two rows took 1.05x and 1.14x the
+// time they had taken.)
 template <int R>
-void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K, int64_t nb, float* y,
-               int64_t ldy, int valid) {
+__attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* sums,
+                                         int64_t K, int64_t nb, float* y, int64_t ldy, int valid) {
   __m256 acc[R], offsets[R];  // the products' sums; the offsets' terms (one or two rows)
   for (int r = 0; r < R; ++r) acc[r] = offsets[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -379,6 +436,34 @@ void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* s
       std::copy(lanes, lanes + valid, y + r * ldy);
     }
   }
+}
+
+// Eight int4 outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS), as q8_outputs8_buffered: each
+// block's values unpacked once into a buffer that every row reads, the rows' float sums in memory. The same
+// sums, in the same order, as passes of four; on an AMD EPYC (Zen 3), 0.89-0.92x their time at five to
+// eight rows (BENCHMARKS.md).
+template <int R>
+void q4_outputs_buffered(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K,
+                         int64_t nb, float* y, int64_t ldy, int valid) {
+  alignas(32) float acc[R][Q4_OUTPUTS];
+  alignas(32) __m256i v[8];
+  for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], _mm256_setzero_ps());
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * Q4_BLOCK_BYTES;
+    const char* ahead = reinterpret_cast<const char*>(wb + PREFETCH);
+    for (int line = 0; line < Q4_BLOCK_BYTES; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    q4_values(wb, v);
+    asm volatile("" ::: "memory");  // the buffer is written here, and read below
+    const __m256 s8 = load_half8(reinterpret_cast<const at::Half*>(wb + Q4_VALUE_BYTES));
+    const __m256 o8 = load_half8(reinterpret_cast<const at::Half*>(wb + Q4_VALUE_BYTES + 2 * Q4_OUTPUTS));
+    for (int r = 0; r < R; ++r) {
+      const __m256i dot = q4_dot(v, q + r * K + b * QK);
+      const __m256 scale = _mm256_mul_ps(s8, _mm256_broadcast_ss(d + r * nb + b));
+      const __m256 scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, _mm256_load_ps(acc[r]));
+      _mm256_store_ps(acc[r], _mm256_fmadd_ps(o8, _mm256_broadcast_ss(sums + r * nb + b), scaled));
+    }
+  }
+  for (int r = 0; r < R; ++r) std::copy(acc[r], acc[r] + valid, y + r * ldy);
 }
 
 #ifdef HAVE_AVX512
@@ -1297,11 +1382,14 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
     }, weight, &a);
 #elif !defined(HAVE_VNNI)  // (VNNI's one instruction leaves less to save, and was not measured with 256-bit vectors)
   if (x.size(0) > 1)
-    return product<MAX_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
-      if (n + 8 <= N)
-        q8_outputs8<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
-      else  // the last outputs, fewer than eight
+    return product<BUFFERED_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      constexpr int rows = decltype(R)::value;
+      if (n + 8 > N)  // the last outputs, fewer than eight
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
+      else if constexpr (rows <= MAX_ROWS)
+        q8_outputs8<rows>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
+      else
+        q8_outputs8_buffered<rows>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
     }, weight, &a);
 #endif
   return product<MAX_ROWS>(x, N, outputs, weight, &a);
@@ -1331,7 +1419,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
     for (int64_t i = 0; n + i < N; i += Q4_OUTPUTS) outputs(R, n + i, m, y + i, ldy);  // the last, fewer than 16
   }, weight, &a);
 #else
-  return product<MAX_ROWS, Q4_OUTPUTS>(x, N, outputs, weight, &a);
+  return product<BUFFERED_ROWS, Q4_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+    constexpr int rows = decltype(R)::value;
+    if constexpr (rows <= MAX_ROWS)
+      outputs(R, n, m, y, ldy);
+    else
+      q4_outputs_buffered<rows>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K,
+                                nb, y, ldy, static_cast<int>(std::min<int64_t>(N - n, Q4_OUTPUTS)));
+  }, weight, &a);
 #endif
 }
 

@@ -96,10 +96,11 @@ def rounded_by_blocks(x):
     return (q.double() * (amax / 127).double()).view_as(x)
 
 
-# rows 5 and 8: a pass over four rows, then one, or a second four; with AVX-512, 11: a pass over eight, then
-# three. blocks: int8 goes by pairs of blocks, and 25 ends on a block alone. 75 outputs: int8's one row makes
-# four at once, and the last three go apart; with AVX-512 several rows make sixteen at once, and the last
-# eleven go apart; int4's last eight are three of padding.
+# rows: without AVX-512, 2 a pass in registers, 5 and 8 one pass with each block in a buffer, 11 a buffered
+# pass of eight, then three in registers; with AVX-512, 11 a pass over eight, then three. blocks: int8 goes
+# by pairs of blocks, and 25 ends on a block alone. 75 outputs: int8's one row makes four at once, and the
+# last three go apart; with AVX-512 several rows make sixteen at once, and the last eleven go apart; int4's
+# last eight are three of padding.
 @pytest.mark.parametrize("rows,blocks", [(1, 26), (1, 25), (5, 26), (8, 25), (2, 4), (11, 26)])
 def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
     """qkernels.cpp's products, through the layers, equal float64 arithmetic on the input as they round it
