@@ -16,7 +16,8 @@
 // each eight outputs n..n + 7 and each block b, 160 bytes: 128 of values, then the eight outputs' float16
 // scales, then their offsets. The values are four vectors of 32 bytes: vector j holds, for output n + r,
 // bytes 4r..4r + 3 = inputs 4j..4j + 3 of the block (low nibbles) and 16 + 4j..16 + 4j + 3 (high). int8
-// weights stay as stored; for several rows their blocks are put in that lane order in registers (q8_outputs8).
+// weights stay as stored; for several rows their blocks are put in that lane order in registers (q8_outputs8),
+// or in a buffer (q8_outputs8_buffered).
 // PyTorch has no int4 x int8 product on the CPU, and its int8 ones run several times below the memory's
 // speed for a decode step's few rows (BENCHMARKS.md), which is what this file is for. The integer dot
 // products are AVX2's (maddubs: unsigned x signed bytes to pairs of int16, no overflow for these ranges),
@@ -321,8 +322,8 @@ __attribute__((noinline)) void q8_outputs8(const int8_t* w, const float* scale, 
 // buffer, in the first-level cache, with its magnitudes beside it, which every row reads; the rows' float
 // sums live in memory (a load and a store per row and block), their integer sums in registers, added in the
 // order written (the empty asm: GCC would otherwise gather a block's products first and spill them). On an
-// AMD EPYC (Zen 3), 0.86-0.90x the time of passes of four at five to eight rows; at four or fewer,
-// 1.01-1.04x, so those stay in registers (BENCHMARKS.md).
+// AMD EPYC (Zen 3), stand-alone, 0.86-0.90x the time of passes of four at five to eight rows (through the op,
+// 0.81-0.86x); at four or fewer, 1.01-1.04x, so those stay in registers (BENCHMARKS.md).
 template <int R>
 void q8_outputs8_buffered(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K,
                           int64_t nb, float* y, int64_t ldy) {
@@ -440,7 +441,7 @@ __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, cons
 
 // Eight int4 outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS), as q8_outputs8_buffered: each
 // block's values unpacked once into a buffer that every row reads, the rows' float sums in memory. The same
-// sums, in the same order, as passes of four; on an AMD EPYC (Zen 3), 0.89-0.92x their time at five to
+// sums, in the same order, as passes of four; on an AMD EPYC (Zen 3), 0.88-0.96x their time at five to
 // eight rows (BENCHMARKS.md).
 template <int R>
 void q4_outputs_buffered(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K,
