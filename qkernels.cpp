@@ -58,7 +58,7 @@ namespace {
 
 constexpr int64_t QK = 32;  // inputs per block
 constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: their sums stay in registers
-constexpr int BUFFERED_ROWS = 8;  // rows per pass on AVX2 where the block goes to a buffer (q8_outputs8_buffered)
+constexpr int BUFFERED_ROWS = 8;  // rows per pass on AVX2 where a block goes to a buffer (*_buffered below)
 // bytes ahead in a weight row to ask the memory for: one core alone keeps too few reads in flight to
 // reach the memory's speed. The best distance differs by CPU, so qlinear.py's build sets it (BENCHMARKS.md):
 // on an AMD EPYC, 2 KiB (bfloat16 and float16 rows took a fifth to a third longer at 1 KiB, and longer at
