@@ -440,9 +440,9 @@ __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, cons
 }
 
 // Eight int4 outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS), as q8_outputs8_buffered: each
-// block's values unpacked once into a buffer that every row reads, the rows' float sums in memory. The same
-// sums, in the same order, as passes of four; on an AMD EPYC (Zen 3), 0.88-0.96x their time at five to
-// eight rows (BENCHMARKS.md).
+// block's values unpacked once into a buffer that every row reads, the rows' float sums in memory (the
+// offsets' terms added into them, as passes of three and four rows do). On an AMD EPYC (Zen 3), 0.88-0.96x
+// the time of passes of four at five to eight rows (BENCHMARKS.md).
 template <int R>
 void q4_outputs_buffered(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K,
                          int64_t nb, float* y, int64_t ldy, int valid) {
