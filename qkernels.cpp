@@ -288,6 +288,15 @@ inline void transpose_8x8(__m256i* v) {  // v[r] lane j -> v[j] lane r, lanes of
   }
 }
 
+// Block b of eight int8 outputs' rows (8 * K contiguous bytes from w), transposed into v; the next eight
+// outputs' rows are asked for as fast as these are read
+inline void q8_transposed_block(const int8_t* w, int64_t K, int64_t b, __m256i* v) {
+  const char* next = reinterpret_cast<const char*>(w + 8 * K);
+  for (int line = 0; line < 8 * QK; line += 64) _mm_prefetch(next + b * 8 * QK + line, _MM_HINT_T0);
+  for (int r = 0; r < 8; ++r) v[r] = load32(w + r * K + b * QK);
+  transpose_8x8(v);
+}
+
 // (Not inlined: inlined into the product's lambda beside q8_outputs8_buffered's instances, GCC allocated its
 // registers worse, and four rows took 1.23-1.26x the time they had taken; BENCHMARKS.md.)
 template <int R>
@@ -295,13 +304,9 @@ __attribute__((noinline)) void q8_outputs8(const int8_t* w, const float* scale, 
                                            int64_t K, int64_t nb, float* y, int64_t ldy) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  // the eight rows are 8 * K contiguous bytes: the next eight outputs' are asked for as fast as these are read
-  const char* next = reinterpret_cast<const char*>(w + 8 * K);
   for (int64_t b = 0; b < nb; ++b) {
-    for (int line = 0; line < 8 * QK; line += 64) _mm_prefetch(next + b * 8 * QK + line, _MM_HINT_T0);
     __m256i v[8];
-    for (int r = 0; r < 8; ++r) v[r] = load32(w + r * K + b * QK);
-    transpose_8x8(v);
+    q8_transposed_block(w, K, b, v);
     __m256i dot[R];
     for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
@@ -330,12 +335,9 @@ void q8_outputs8_buffered(const int8_t* w, const float* scale, const int8_t* q, 
   alignas(32) float acc[R][8];
   alignas(32) __m256i block[8], magnitudes[8];
   for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], _mm256_setzero_ps());
-  const char* next = reinterpret_cast<const char*>(w + 8 * K);
   for (int64_t b = 0; b < nb; ++b) {
-    for (int line = 0; line < 8 * QK; line += 64) _mm_prefetch(next + b * 8 * QK + line, _MM_HINT_T0);
     __m256i v[8];
-    for (int r = 0; r < 8; ++r) v[r] = load32(w + r * K + b * QK);
-    transpose_8x8(v);
+    q8_transposed_block(w, K, b, v);
     for (int j = 0; j < 8; ++j) {
       block[j] = v[j];
       magnitudes[j] = _mm256_sign_epi8(v[j], v[j]);
