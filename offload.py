@@ -18,8 +18,8 @@ prefetch + 1 of them in flight: while layer j computes, the next `prefetch` are 
   (its dtype, no repacking), a streamed layer computes straight out of the mapping, as llama.cpp's mmap
   does: a worker thread maps its pages in ahead of its turn (MADV_POPULATE_READ, with the next layer's
   read from disk started by MADV_WILLNEED), and they are dropped from this process once it has run
-  (MADV_DONTNEED). Otherwise (a cast, int4's kernel layout, an int8 weight the kernel cannot read where
-  it lies) the worker copies each layer into a ring of buffers as on a GPU, dropping each tensor's pages
+  (MADV_DONTNEED). Otherwise (a cast, int4's kernel layout or int8's where qkernels.cpp packs it, an int8
+  weight the kernel cannot read where it lies) the worker copies each layer into a ring of buffers as on a GPU, dropping each tensor's pages
   once copied. Either way the file's pages stay in the page cache while the machine has room, and come
   from the disk when it has not.
 model.py is unchanged: each streamed block gets a forward pre-hook, which waits for its weights and points
@@ -373,8 +373,10 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
         else:
             mapped = MappedFile(weights_path)
             # In place when every tensor is stored as it runs: no cast, no repacking (int4's kernel layout is
-            # made at load), integers aligned for the int8 kernel.
-            zero_copy = not (quantization and quantization["mode"].startswith("int4")) and all(
+            # made at load, as int8's is where qkernels.cpp packs it), integers aligned for the int8 kernel.
+            mode = quantization["mode"] if quantization else ""
+            repacked = mode.startswith("int4") or (mode.startswith("int8") and qlinear.q8_packs_weights())
+            zero_copy = not repacked and all(
                 mapped.dtype(full) == kinds[n].dtype
                 and (kinds[n].is_floating_point() or mapped.span(full)[0] % 64 == 0)
                 for i in range(args.n_layers) for n, full in names(i).items())

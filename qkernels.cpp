@@ -16,8 +16,8 @@
 // each eight outputs n..n + 7 and each block b, 160 bytes: 128 of values, then the eight outputs' float16
 // scales, then their offsets. The values are four vectors of 32 bytes: vector j holds, for output n + r,
 // bytes 4r..4r + 3 = inputs 4j..4j + 3 of the block (low nibbles) and 16 + 4j..16 + 4j + 3 (high). int8
-// weights stay as stored; for several rows their blocks are put in that lane order in registers (q8_outputs8),
-// or in a buffer (q8_outputs8_buffered).
+// weights come packed in that lane order too where the CPU has neither AVX-512 nor VNNI (q8_packed, which
+// rounds the inputs to -63..63), and stay as stored elsewhere.
 // PyTorch has no int4 x int8 product on the CPU, and its int8 ones run several times below the memory's
 // speed for a decode step's few rows (BENCHMARKS.md), which is what this file is for. The integer dot
 // products are AVX2's (maddubs: unsigned x signed bytes to pairs of int16, no overflow for these ranges),
@@ -113,7 +113,8 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 }
 #endif
 
-// 8 int32 lanes summing u * s over 32 byte pairs, u unsigned (at most 127 here), s signed
+// 8 int32 lanes summing u * s over 32 byte pairs, u unsigned, s signed (without VNNI, each pair's sum
+// 2 * u * s must fit int16: |s| <= 127 with u <= 127, or |s| <= 63 with u <= 255)
 inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #ifdef HAVE_VNNI
   return dpbusd(_mm256_setzero_si256(), u, s);
@@ -165,9 +166,10 @@ inline void as_constant(int64_t value, F&& f) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Activations: a row of K floats -> K int8 in blocks of 32, each with its scale d and, when sums is given,
-// d * sum(q).
+// d * sum(q); when qsums is given, sum(q) itself. levels: the largest magnitude, 127, or 63 for the packed
+// int8 products (q8_packed, below), whose int16 pairs must not overflow.
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums) {
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, int32_t* qsums, float levels) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -179,13 +181,15 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums) {
       m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
     }
     const float amax = hmax(m);
-    d[b] = amax / 127.f;
-    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    d[b] = amax / levels;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? levels / amax : 0.f);
     __m256i i[4];
     for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), nearest));
-    if (sums) {
+    if (sums || qsums) {
       const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-      sums[b] = d[b] * hsum(_mm256_cvtepi32_ps(s));
+      const float sum = hsum(_mm256_cvtepi32_ps(s));  // (exact: at most 32 * 127)
+      if (sums) sums[b] = d[b] * sum;
+      if (qsums) qsums[b] = static_cast<int32_t>(sum);
     }
     // packing works within 128-bit lanes; the permutation puts the 32 values back in order
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
@@ -200,22 +204,32 @@ struct Activations {
   const float* x;            // [M, K], the rows to round
   int8_t* q;                 // [M, K]
   float *d, *sums, *totals;  // [M, K / 32] each, and [M] (sums and totals with_sums only; totals: sums' sum)
+  int32_t* qsums;            // [M, K / 32] (packed int8 only)
   int64_t K, nb;             // inputs and blocks per row
+  float levels;
   void rows(int64_t begin, int64_t end) const {
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(x + m * K, K, q + m * K, d + m * nb, sums ? sums + m * nb : nullptr);
+      quantize_row(x + m * K, K, q + m * K, d + m * nb, sums ? sums + m * nb : nullptr,
+                   qsums ? qsums + m * nb : nullptr, levels);
       if (sums) totals[m] = std::accumulate(sums + m * nb, sums + (m + 1) * nb, 0.f);
     }
   }
 };
 
-Activations activations(const at::Tensor& x, bool with_sums) {
+// what a product needs: INT8 -127..127; INT8_SUMS, also each block's d * sum(q); PACKED_INT8 -63..63, and
+// each block's sum(q)
+enum class Rounding { INT8, INT8_SUMS, PACKED_INT8 };
+
+Activations activations(const at::Tensor& x, Rounding rounding) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  thread_local std::vector<float> buffer;  // the scales, sums and totals, then the int8 values
-  buffer.resize(2 * M * nb + M + M * K / 4);
-  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + M * nb;
+  thread_local std::vector<float> buffer;  // the scales, sums, integer sums and totals, then the int8 values
+  buffer.resize(3 * M * nb + M + M * K / 4);
+  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + 2 * M * nb;
+  int32_t* qsums = reinterpret_cast<int32_t*>(sums + M * nb);
   int8_t* q = reinterpret_cast<int8_t*>(totals + M);
-  return {x.data_ptr<float>(), q, d, with_sums ? sums : nullptr, totals, K, nb};
+  const bool packed = rounding == Rounding::PACKED_INT8;
+  return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8_SUMS ? sums : nullptr, totals,
+          packed ? qsums : nullptr, K, nb, packed ? 63.f : 127.f};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -263,101 +277,66 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
   for (int r = 0; r < R; ++r) y[r * ldy] = scale * hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
-// Eight outputs for R rows (2 to MAX_ROWS), from the weight as stored: each block of 32 inputs of the eight
-// outputs' rows is transposed in registers so that vector j holds, in lane r, output n + r's inputs
-// 4j..4j + 3 (int4's layout, above). A block's integer sums then stay in int32 lanes, one per output, and
-// are converted and scaled once per block for eight outputs, not once per output: at several rows, where
-// the arithmetic sets the time, that is two of the seven operations per row and block (BENCHMARKS.md).
-// At one row, bound by memory, the transposes cost more than they save: q8_output<1> runs it.
+// int8 weights packed at load (qlinear.pack_int8_for_kernel), where the CPU has neither AVX-512 nor VNNI:
+// [N / 8, K / 32, 256] bytes (N a multiple of 8); for each eight outputs n..n + 7 and each block of 32
+// inputs, eight vectors of 32 bytes, vector j holding for output n + r, in bytes 4r..4r + 3, inputs
+// 4j..4j + 3 of the block, each weight plus 128 (unsigned). maddubs then multiplies them with a row's signed
+// inputs broadcast, as int4's blocks: without VNNI, the weights as stored needed a sign operation per row and
+// 4 inputs (maddubs takes one unsigned operand) and a transpose of every block (so that an output's sum stays
+// in one lane), which here are gone. maddubs's int16 pairs hold 2 * 255 * |q|, so the rows are rounded to
+// -63..63 (Rounding::PACKED_INT8); the 128 * sum(q) that the offset adds is taken away per block, in
+// integers, so that the sums are exact. A row's result is the same arithmetic in the same order however many
+// rows a pass makes: a batch's rows equal each row alone. (Measured against the kernels this replaced:
+// BENCHMARKS.md.)
+constexpr int Q8_OUTPUTS = 8;
+constexpr int64_t Q8_BLOCK_BYTES = Q8_OUTPUTS * QK;
+constexpr int Q8_PACKED_ROWS = 8;  // rows per pass
+// up to these many rows keep their float sums in registers; more keep them in memory (in registers beside
+// the integer sums, three and four rows were slower)
+constexpr int Q8_REGISTER_ROWS = 2;
 
-inline void transpose_8x8(__m256i* v) {  // v[r] lane j -> v[j] lane r, lanes of 32 bits
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
-    v[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
-  }
-}
-
-// Block b of eight int8 outputs' rows (8 * K contiguous bytes from w), transposed into v; the next eight
-// outputs' rows are asked for as fast as these are read
-inline void q8_transposed_block(const int8_t* w, int64_t K, int64_t b, __m256i* v) {
-  const char* next = reinterpret_cast<const char*>(w + 8 * K);
-  for (int line = 0; line < 8 * QK; line += 64) _mm_prefetch(next + b * 8 * QK + line, _MM_HINT_T0);
-  for (int r = 0; r < 8; ++r) v[r] = load32(w + r * K + b * QK);
-  transpose_8x8(v);
-}
-
-// (Not inlined: inlined into the product's lambda beside q8_outputs8_buffered's instances, GCC allocated its
-// registers worse, and four rows took 1.23-1.26x the time they had taken; BENCHMARKS.md.)
 template <int R>
-__attribute__((noinline)) void q8_outputs8(const int8_t* w, const float* scale, const int8_t* q, const float* d,
-                                           int64_t K, int64_t nb, float* y, int64_t ldy) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i v[8];
-    q8_transposed_block(w, K, b, v);
-    __m256i dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
-    for (int j = 0; j < 8; ++j) {
-      const __m256i aw = _mm256_sign_epi8(v[j], v[j]);
-      for (int r = 0; r < R; ++r)
-        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(aw, _mm256_sign_epi8(broadcast4(q + r * K + b * QK + 4 * j), v[j])));
-    }
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(d + r * nb + b), acc[r]);
+void q8_packed(const uint8_t* w, const float* scale, const int8_t* q, const float* d, const int32_t* qsums,
+               int64_t K, int64_t nb, float* y, int64_t ldy) {
+  constexpr bool in_memory = R > Q8_REGISTER_ROWS;
+  alignas(32) float memory[in_memory ? R : 1][Q8_OUTPUTS];
+  __m256 acc[in_memory ? 1 : R];
+  for (int r = 0; r < R; ++r) {
+    if constexpr (in_memory) _mm256_store_ps(memory[r], _mm256_setzero_ps());
+    else acc[r] = _mm256_setzero_ps();
   }
-  const __m256 s8 = _mm256_loadu_ps(scale);
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(acc[r], s8));
-}
-
-// Eight outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS). Their sums would not fit beside the
-// block in AVX2's sixteen vector registers (GCC's spills cost more than a second pass over the block
-// saves), while a pass per four rows transposes each block again. Here each block is transposed once into a
-// buffer, in the first-level cache, with its magnitudes beside it, which every row reads; the rows' float
-// sums live in memory (a load and a store per row and block), their integer sums in registers, added in the
-// order written (the empty asm: GCC would otherwise gather a block's products first and spill them). On an
-// AMD EPYC (Zen 3), stand-alone, 0.86-0.90x the time of passes of four at five to eight rows (through the op,
-// 0.81-0.86x); at four or fewer, 1.01-1.04x, so those stay in registers (BENCHMARKS.md).
-template <int R>
-void q8_outputs8_buffered(const int8_t* w, const float* scale, const int8_t* q, const float* d, int64_t K,
-                          int64_t nb, float* y, int64_t ldy) {
-  alignas(32) float acc[R][8];
-  alignas(32) __m256i block[8], magnitudes[8];
-  for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], _mm256_setzero_ps());
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i v[8];
-    q8_transposed_block(w, K, b, v);
-    for (int j = 0; j < 8; ++j) {
-      block[j] = v[j];
-      magnitudes[j] = _mm256_sign_epi8(v[j], v[j]);
+    const uint8_t* block = w + b * Q8_BLOCK_BYTES;
+    const char* line = reinterpret_cast<const char*>(block);
+    for (int l = 0; l < Q8_BLOCK_BYTES; l += 64) {
+      if constexpr (R == 1) {  // bound by the memory: nearer, and farther into L2 (q8_output)
+        _mm_prefetch(line + l + ONE_ROW_INT8_AHEAD, _MM_HINT_T0);
+        _mm_prefetch(line + l + ONE_ROW_INT8_AHEAD + PREFETCH_FARTHER, _MM_HINT_T1);
+      } else {
+        _mm_prefetch(line + l + PREFETCH, _MM_HINT_T0);
+      }
     }
-    asm volatile("" ::: "memory");  // the buffer is written here, and read below
     __m256i dot[R];
     for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
-      const __m256i vj = block[j], aw = magnitudes[j];
+      const __m256i wj = _mm256_load_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
       for (int r = 0; r < R; ++r)
-        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(aw, _mm256_sign_epi8(broadcast4(q + r * K + b * QK + 4 * j), vj)));
-      for (int r = 0; r < R; ++r) asm("" : "+x"(dot[r]));
+        dot[r] = _mm256_add_epi32(dot[r], dot_u8s8(wj, broadcast4(q + r * K + b * QK + 4 * j)));
+      // (added in the order written: GCC would otherwise gather a block's products first and spill them)
+      if constexpr (in_memory)
+        for (int r = 0; r < R; ++r) asm("" : "+x"(dot[r]));
     }
-    for (int r = 0; r < R; ++r)
-      _mm256_store_ps(acc[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_broadcast_ss(d + r * nb + b),
-                                              _mm256_load_ps(acc[r])));
+    for (int r = 0; r < R; ++r) {
+      const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[r], _mm256_set1_epi32(qsums[r * nb + b] * 128)));
+      const __m256 db = _mm256_broadcast_ss(d + r * nb + b);
+      if constexpr (in_memory) _mm256_store_ps(memory[r], _mm256_fmadd_ps(exact, db, _mm256_load_ps(memory[r])));
+      else acc[r] = _mm256_fmadd_ps(exact, db, acc[r]);
+    }
   }
   const __m256 s8 = _mm256_loadu_ps(scale);
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(_mm256_load_ps(acc[r]), s8));
+  for (int r = 0; r < R; ++r)
+    _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(in_memory ? _mm256_load_ps(memory[r]) : acc[r], s8));
 }
 
 // An int4 block's 128 bytes of values (the layout above) as unsigned bytes: v[j] and v[j + 4] hold inputs
@@ -413,9 +392,9 @@ inline void q4_block(const uint8_t* w, const int8_t* q, const float* d, const fl
   }
 }
 
-// Eight outputs (valid of them real: the last eight of a layer may be padding) for R rows. (Not inlined, as
-// q8_outputs8: inlined beside q4_outputs_buffered's instances, one and two rows took 1.05x and 1.14x the
-// time they had taken.)
+// Eight outputs (valid of them real: the last eight of a layer may be padding) for R rows. (Not inlined:
+// inlined beside q4_outputs_buffered's instances, one and two rows took 1.05x and 1.14x the time they had
+// taken.)
 template <int R>
 __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* sums,
                                          int64_t K, int64_t nb, float* y, int64_t ldy, int valid) {
@@ -441,7 +420,7 @@ __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, cons
   }
 }
 
-// Eight int4 outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS), as q8_outputs8_buffered: each
+// Eight int4 outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS): each
 // block's values unpacked once into a buffer that every row reads, the rows' float sums in memory (the
 // offsets' terms added into them, as passes of three and four rows do). On an AMD EPYC (Zen 3), 0.88-0.96x
 // the time of passes of four at five to eight rows (BENCHMARKS.md).
@@ -511,8 +490,8 @@ void q4_output16(const uint8_t* w, const int8_t* q, const float* d, const float*
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_add_ps(acc[r], offsets[r]));
 }
 
-// transpose_8x8 in each half of 16 lanes: v[r] lane j -> v[j] lane r, and v[r] lane 8 + j -> v[j] lane 8 + r.
-// The same steps, whose last one here interleaves the 128-bit lanes of two vectors (vpermt2q).
+// A transpose in each half of 16 lanes, of 32 bits: v[r] lane j -> v[j] lane r, and v[r] lane 8 + j -> v[j]
+// lane 8 + r. Within 128-bit lanes, then across them by interleaving the 128-bit lanes of two vectors (vpermt2q).
 inline void transpose_16x8(__m512i* v) {
   const __m512i low_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
   const __m512i high_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
@@ -534,7 +513,7 @@ inline void transpose_16x8(__m512i* v) {
 }
 
 // Sixteen int8 outputs for R rows, from the weight as stored: each block of the sixteen outputs' rows is
-// transposed in registers (q8_outputs8's layout, lanes 0-7 outputs n..n + 7 and 8-15 n + 8..n + 15) and
+// transposed in registers (q8_packed's layout, lanes 0-7 outputs n..n + 7 and 8-15 n + 8..n + 15) and
 // made unsigned (w + 128), so that VNNI multiplies it with the row's signed inputs broadcast, as int4's
 // blocks. The 128 * sum(q) that this adds to every output is taken away once, at the end: totals holds
 // each row's sum over its blocks of d * sum(q).
@@ -1358,20 +1337,41 @@ void check_input(const at::Tensor& x, int64_t multiple = QK) {
   TORCH_CHECK(x.size(1) % multiple == 0, "K must be a multiple of ", multiple);
 }
 
+// Whether int8 weights are packed for q8_packed on this build: where there is neither AVX-512 nor VNNI
+// (qlinear.py asks, through the C entry point nimblelm_q8_packs_weights).
+#if defined(HAVE_AVX512) || defined(HAVE_VNNI)
+constexpr bool Q8_PACKS_WEIGHTS = false;  // (VNNI's one instruction leaves less to save: not measured there)
+#else
+constexpr bool Q8_PACKS_WEIGHTS = true;
+#endif
+
+// weight: [N, K] int8 as stored, or packed ([N / 8, K / 32, 256] uint8: q8_packed)
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   check_input(x);
-  const int64_t K = x.size(1), N = weight.size(0);
+  const int64_t K = x.size(1), nb = K / QK, N = scales.numel();
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: [N] float32");
+  const float* sc = scales.data_ptr<float>();
+  if (weight.scalar_type() == at::kByte) {
+    TORCH_CHECK(weight.is_contiguous() && weight.dim() == 3 && N % Q8_OUTPUTS == 0 &&
+                    weight.size(0) == N / Q8_OUTPUTS && weight.size(1) == nb && weight.size(2) == Q8_BLOCK_BYTES,
+                "packed weight: a contiguous [N / 8, K / 32, 256] uint8");
+    const Activations a = activations(x, Rounding::PACKED_INT8);
+    const uint8_t* w = weight.data_ptr<uint8_t>();
+    return product<Q8_PACKED_ROWS, Q8_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      q8_packed<decltype(R)::value>(w + n / Q8_OUTPUTS * nb * Q8_BLOCK_BYTES, sc + n, a.q + m * K, a.d + m * nb,
+                                    a.qsums + m * nb, K, nb, y, ldy);
+    }, weight, &a);
+  }
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 &&
-                  weight.size(1) == K, "weight: a contiguous [N, K] int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N, "scales: [N] float32");
+                  weight.size(0) == N && weight.size(1) == K, "weight: a contiguous [N, K] int8");
 #ifdef HAVE_AVX512
   const bool wide = x.size(0) > 1;  // sixteen outputs at once (q8_outputs16), which need the rows' sums
 #else
   const bool wide = false;
 #endif
-  const Activations a = activations(x, wide);
+  const Activations a = activations(x, wide ? Rounding::INT8_SUMS : Rounding::INT8);
   const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q;
-  const float *sc = scales.data_ptr<float>(), *d = a.d;
+  const float* d = a.d;
   auto outputs = [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     q8_output<decltype(R)::value>(w + n * K, sc[n], q + m * K, d + m * a.nb, K, a.nb, y, ldy);
   };
@@ -1382,17 +1382,6 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
         q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.totals + m, K, a.nb, y, ldy);
       else  // the last outputs, fewer than sixteen
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-    }, weight, &a);
-#elif !defined(HAVE_VNNI)  // (VNNI's one instruction leaves less to save, and was not measured with 256-bit vectors)
-  if (x.size(0) > 1)
-    return product<BUFFERED_ROWS, 8>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
-      constexpr int rows = decltype(R)::value;
-      if (n + 8 > N)  // the last outputs, fewer than eight
-        for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
-      else if constexpr (rows <= MAX_ROWS)
-        q8_outputs8<rows>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
-      else
-        q8_outputs8_buffered<rows>(w + n * K, sc + n, q + m * K, d + m * a.nb, K, a.nb, y, ldy);
     }, weight, &a);
 #endif
   return product<MAX_ROWS>(x, N, outputs, weight, &a);
@@ -1405,7 +1394,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.dim() == 3 &&
                   weight.size(0) == (N + Q4_OUTPUTS - 1) / Q4_OUTPUTS && weight.size(1) == nb &&
                   weight.size(2) == Q4_BLOCK_BYTES, "weight: a contiguous [ceil(N / 8), K / 32, 160] uint8");
-  const Activations a = activations(x, true);
+  const Activations a = activations(x, Rounding::INT8_SUMS);
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const int8_t* q = a.q;
   const float *d = a.d, *sums = a.sums;
@@ -1728,6 +1717,9 @@ AOTITorchError aoti_torch_cpu_argmax(AtenTensorHandle x, AtenTensorHandle* ret0)
     *ret0 = handle(argmax(tensor(x)));
   });
 }
+
+// Whether q8_linear wants its int8 weights packed on this build (qlinear.Int8Linear.prepare, through ctypes)
+int nimblelm_q8_packs_weights() { return Q8_PACKS_WEIGHTS; }
 
 // The team's entry points, which qlinear.KernelTeam calls through ctypes. nimblelm_team_run: fn(arg) on the
 // calling thread with a team of PyTorch's threads (Team) for the ops it calls, and its result; memory from

@@ -12,8 +12,11 @@ Which kernel runs:
   (cpu_kernels), which round the input to int8 per block of 32 and multiply in integers (llama.cpp's
   Q8_0 x Q8_0 and Q4_1 x Q8_0). PyTorch has no int4 x int8 product on the CPU, and its other quantized
   ones ran at a half to a tenth of the memory's speed for a decode step's rows (BENCHMARKS.md). Where the
-  CPU has AVX-512 VNNI and BF16, ours run up to KERNEL_MAX_ROWS rows (a batch, a speculative verify step),
-  and longer prompts take the paths below.
+  CPU has neither AVX-512 nor VNNI, prepare() packs int8 weights for them in place (pack_int8_for_kernel:
+  eight output channels interleaved, each weight plus 128, so that the products need no sign operations
+  or transposes), and their input rounds to 7 bits (-63..63) instead of 8. Where the CPU has AVX-512 VNNI
+  and BF16, ours run up to KERNEL_MAX_ROWS rows (a batch, a speculative verify step), and longer prompts
+  take the paths below.
 - int8 on the CPU, for more rows (a prompt), or where the kernels cannot be built: int8 activations too
   (W8A8). Each product rounds its input to uint8 per row and multiplies in integers (`torch._int_mm`);
   quantize.py smooths the weights so that this rounding costs little. A compiled step of such rows freezes
@@ -98,28 +101,38 @@ class Int8Linear(nn.Module):
         # within one rank's slice.
         self.row_range = None
         self.kernel_rows = 0  # up to how many rows qkernels.cpp runs this layer (set by prepare())
+        # where qkernels.cpp's build packs int8 weights (q8_packs_weights), the weight's own memory in that
+        # layout (pack_int8_for_kernel), made by prepare()
+        self.register_buffer("kernel_weight", None, persistent=False)
 
     def prepare(self):
         """On the CPU, up to how many rows qkernels.cpp runs this layer, and the weight sums that
         int8_activation_matmul needs; into the buffer when it exists (offload.py refills a layer's buffers
-        at every step)."""
+        at every step). Where qkernels.cpp packs int8 weights, the weight is packed in place, in its own
+        memory, and kernel_weight is that memory in the packed layout: the stored layout is gone, so call
+        this once for each time the weight is filled."""
         if self.weight.device.type != "cpu":
             return
         self.kernel_rows = cpu_kernels() if self.in_features % 32 == 0 else 0
-        if not self.int8_activations:
-            return
-        sums = self.weight.sum(dim=1, dtype=torch.int32)  # an integer: exact, and no cast of the model alters it
-        if self.weight_sums is None:
-            self.weight_sums = sums
-            self.unit_scales = torch.ones(self.out_features)
-            self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
-        else:
-            self.weight_sums.copy_(sums)
+        if self.int8_activations:
+            sums = self.weight.sum(dim=1, dtype=torch.int32)  # an integer: exact, and no cast alters it
+            if self.weight_sums is None:
+                self.weight_sums = sums
+                self.unit_scales = torch.ones(self.out_features)
+                self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+            else:
+                self.weight_sums.copy_(sums)
+        # (the kernel packs eight output channels at once; every row runs on it where it packs)
+        if self.kernel_rows and q8_packs_weights() and self.out_features % 8 == 0:
+            packed = pack_int8_for_kernel(self.weight)
+            self.kernel_weight = self.weight.view(torch.uint8).view(packed.shape)
+            self.kernel_weight.copy_(packed)
 
     def forward(self, x):
         if x[..., 0].numel() <= self.kernel_rows:
             # (.float(): a no-op unless the module was cast since)
-            y = cpu_kernel(torch.ops.nimblelm.q8_linear, x, self.weight, self.scales.float())
+            weight = self.weight if self.kernel_weight is None else self.kernel_weight
+            y = cpu_kernel(torch.ops.nimblelm.q8_linear, x, weight, self.scales.float())
         elif self.weight_sums is not None:
             y = int8_activation_matmul(x.reshape(-1, self.in_features), self.weight, self.weight_sums, self.scales,
                                        self.row_range, (self.unit_scales, self.zero_points))
@@ -277,6 +290,15 @@ def pack_int4_for_kernel(packed: torch.Tensor, scales: torch.Tensor, offsets: to
     return torch.ops.nimblelm.q4_pack(packed, scales.half().contiguous(), offsets.half().contiguous())
 
 
+def pack_int8_for_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Our [out, in] int8 weight (out a multiple of 8) in the layout of qkernels.cpp's q8_packed:
+    [out / 8, in / 32, 256] bytes; for each eight output channels and block of 32 inputs, eight vectors of
+    32 bytes, vector j holding for channel r its inputs 4j..4j + 3, each weight plus 128."""
+    n, k = weight.shape
+    blocks = weight.view(n // 8, 8, k // 32, 8, 4).permute(0, 2, 3, 1, 4)  # [out / 8, in / 32, j, channel, 4]
+    return (blocks.contiguous().view(torch.uint8) ^ 0x80).view(n // 8, k // 32, 256)
+
+
 def pack_int4_for_cpu(packed: torch.Tensor) -> torch.Tensor:
     """Our [out, in / 2] bytes in the layout of `_weight_int4pack_mm_for_cpu`.
 
@@ -395,8 +417,8 @@ def cpu_kernels() -> float:
         return 0
 
     @torch.library.register_fake("nimblelm::q8_linear")
-    def _(x, weight, scales):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, scales):  # (weight as stored, or packed: scales has one per output)
+        return x.new_empty(x.shape[0], scales.shape[0])
 
     @torch.library.register_fake("nimblelm::q4_linear")
     def _(x, weight, n):
@@ -443,9 +465,17 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         return None
     # the team's entry points (KernelTeam)
     library.nimblelm_team_new.restype = ctypes.c_void_p
+    library.nimblelm_q8_packs_weights.restype = ctypes.c_int
     library.nimblelm_team_free.argtypes = [ctypes.c_void_p]
     library.nimblelm_team_run.argtypes = [ctypes.c_void_p, _TEAM_CALLBACK, ctypes.py_object]
     return library
+
+
+def q8_packs_weights() -> bool:
+    """Whether qkernels.cpp's int8 product takes its weights packed on this machine
+    (pack_int8_for_kernel): where the CPU has neither AVX-512 nor VNNI."""
+    library = kernel_library()
+    return bool(library and library.nimblelm_q8_packs_weights())
 
 
 class KernelTeam:
