@@ -19,9 +19,9 @@ prefetch + 1 of them in flight: while layer j computes, the next `prefetch` are 
   does: a worker thread maps its pages in ahead of its turn (MADV_POPULATE_READ, with the next layer's
   read from disk started by MADV_WILLNEED), and they are dropped from this process once it has run
   (MADV_DONTNEED). Otherwise (a cast, int4's kernel layout or int8's where qkernels.cpp packs it, an int8
-  weight the kernel cannot read where it lies) the worker copies each layer into a ring of buffers as on a GPU, dropping each tensor's pages
-  once copied. Either way the file's pages stay in the page cache while the machine has room, and come
-  from the disk when it has not.
+  weight the kernel cannot read where it lies) the worker copies each layer into a ring of buffers as on a
+  GPU, dropping each tensor's pages once copied. Either way the file's pages stay in the page cache while
+  the machine has room, and come from the disk when it has not.
 model.py is unchanged: each streamed block gets a forward pre-hook, which waits for its weights and points
 its parameters at them, and a forward hook, which lets go of them and starts bringing in the layer
 prefetch + 1 further on. Streamed runs are eager: a compiled step would need those hooks in its graph.
