@@ -58,7 +58,7 @@ namespace {
 
 constexpr int64_t QK = 32;  // inputs per block
 constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: their sums stay in registers
-constexpr int BUFFERED_ROWS = 8;  // rows per pass on AVX2 where a block goes to a buffer (*_buffered below)
+constexpr int MANY_ROWS = 8;  // int4's rows per pass on AVX2 (q4_outputs_many below)
 // bytes ahead in a weight row to ask the memory for: one core alone keeps too few reads in flight to
 // reach the memory's speed. The best distance differs by CPU, so qlinear.py's build sets it (BENCHMARKS.md):
 // on an AMD EPYC, 2 KiB (bfloat16 and float16 rows took a fifth to a third longer at 1 KiB, and longer at
@@ -393,7 +393,7 @@ inline void q4_block(const uint8_t* w, const int8_t* q, const float* d, const fl
 }
 
 // Eight outputs (valid of them real: the last eight of a layer may be padding) for R rows. (Not inlined:
-// inlined beside q4_outputs_buffered's instances, one and two rows took 1.05x and 1.14x the time they had
+// inlined beside q4_outputs_many's instances, one and two rows took 1.05x and 1.14x the time they had
 // taken.)
 template <int R>
 __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, const float* d, const float* sums,
@@ -420,28 +420,49 @@ __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, cons
   }
 }
 
-// Eight int4 outputs for more rows than MAX_ROWS (up to BUFFERED_ROWS): each
-// block's values unpacked once into a buffer that every row reads, the rows' float sums in memory (the
-// offsets' terms added into them, as passes of three and four rows do). On an AMD EPYC (Zen 3), 0.88-0.96x
-// the time of passes of four at five to eight rows (BENCHMARKS.md).
+// Eight int4 outputs for more rows than MAX_ROWS (up to MANY_ROWS): each of a block's eight vectors of
+// values is unpacked once, in a register, and multiplied with every row's inputs before the next (q4_dot
+// takes the rows one at a time, so it reads the block's vectors once a row: two loads a row and 4 inputs
+// with the broadcasts, which at these rows set the time); each row's integer sums stay in a register (int16
+// without VNNI: eight pairs of at most 2 * 15 * 127 fit), its float sums in memory (the offsets' terms added
+// into them, as passes of three and four rows do). (Measured against unpacking into a buffer: BENCHMARKS.md.)
 template <int R>
-void q4_outputs_buffered(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K,
-                         int64_t nb, float* y, int64_t ldy, int valid) {
+void q4_outputs_many(const uint8_t* w, const int8_t* q, const float* d, const float* sums, int64_t K, int64_t nb,
+                     float* y, int64_t ldy, int valid) {
   alignas(32) float acc[R][Q4_OUTPUTS];
-  alignas(32) __m256i v[8];
+  const __m256i low = _mm256_set1_epi8(0x0F);
   for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r], _mm256_setzero_ps());
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + b * Q4_BLOCK_BYTES;
     const char* ahead = reinterpret_cast<const char*>(wb + PREFETCH);
     for (int line = 0; line < Q4_BLOCK_BYTES; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-    q4_values(wb, v);
-    asm volatile("" ::: "memory");  // the buffer is written here, and read below
+    __m256i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {  // vector j: inputs 4j..4j + 3, as q4_values makes it
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * (j % 4)));
+      const __m256i v = _mm256_and_si256(j < 4 ? bytes : _mm256_srli_epi16(bytes, 4), low);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = broadcast4(q + r * K + b * QK + 4 * j);
+#ifdef HAVE_VNNI
+        dot[r] = dpbusd(dot[r], v, x);
+#else
+        dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(v, x));
+#endif
+      }
+      // (added in the order written: GCC would otherwise gather a block's products first and spill them)
+      for (int r = 0; r < R; ++r) asm("" : "+x"(dot[r]));
+    }
     const __m256 s8 = load_half8(reinterpret_cast<const at::Half*>(wb + Q4_VALUE_BYTES));
     const __m256 o8 = load_half8(reinterpret_cast<const at::Half*>(wb + Q4_VALUE_BYTES + 2 * Q4_OUTPUTS));
     for (int r = 0; r < R; ++r) {
-      const __m256i dot = q4_dot(v, q + r * K + b * QK);
+#ifdef HAVE_VNNI
+      const __m256i sum = dot[r];
+#else
+      const __m256i sum = _mm256_madd_epi16(dot[r], _mm256_set1_epi16(1));
+#endif
       const __m256 scale = _mm256_mul_ps(s8, _mm256_broadcast_ss(d + r * nb + b));
-      const __m256 scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, _mm256_load_ps(acc[r]));
+      const __m256 scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, _mm256_load_ps(acc[r]));
       _mm256_store_ps(acc[r], _mm256_fmadd_ps(o8, _mm256_broadcast_ss(sums + r * nb + b), scaled));
     }
   }
@@ -1411,12 +1432,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
     for (int64_t i = 0; n + i < N; i += Q4_OUTPUTS) outputs(R, n + i, m, y + i, ldy);  // the last, fewer than 16
   }, weight, &a);
 #else
-  return product<BUFFERED_ROWS, Q4_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+  return product<MANY_ROWS, Q4_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
     constexpr int rows = decltype(R)::value;
     if constexpr (rows <= MAX_ROWS)
       outputs(R, n, m, y, ldy);
     else
-      q4_outputs_buffered<rows>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K,
+      q4_outputs_many<rows>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K,
                                 nb, y, ldy, static_cast<int>(std::min<int64_t>(N - n, Q4_OUTPUTS)));
   }, weight, &a);
 #endif
