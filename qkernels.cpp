@@ -58,7 +58,8 @@ namespace {
 
 constexpr int64_t QK = 32;  // inputs per block
 constexpr int MAX_ROWS = 4;  // activation rows per pass over a weight row: their sums stay in registers
-constexpr int MANY_ROWS = 8;  // int4's rows per pass on AVX2 (q4_outputs_many below)
+// rows per pass on AVX2 of the kernels that make eight outputs, one a lane (q8_packed, q4_outputs_many)
+constexpr int MANY_ROWS = 8;
 // bytes ahead in a weight row to ask the memory for: one core alone keeps too few reads in flight to
 // reach the memory's speed. The best distance differs by CPU, so qlinear.py's build sets it (BENCHMARKS.md):
 // on an AMD EPYC, 2 KiB (bfloat16 and float16 rows took a fifth to a third longer at 1 KiB, and longer at
@@ -222,14 +223,15 @@ enum class Rounding { INT8, INT8_SUMS, PACKED_INT8 };
 
 Activations activations(const at::Tensor& x, Rounding rounding) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  thread_local std::vector<float> buffer;  // the scales, sums, integer sums and totals, then the int8 values
-  buffer.resize(3 * M * nb + M + M * K / 4);
-  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + 2 * M * nb;
-  int32_t* qsums = reinterpret_cast<int32_t*>(sums + M * nb);
+  thread_local std::vector<float> buffer;  // the scales, sums and totals, then the int8 values
+  thread_local std::vector<int32_t> integer_sums;
+  buffer.resize(2 * M * nb + M + M * K / 4);
+  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + M * nb;
   int8_t* q = reinterpret_cast<int8_t*>(totals + M);
   const bool packed = rounding == Rounding::PACKED_INT8;
+  if (packed) integer_sums.resize(M * nb);
   return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8_SUMS ? sums : nullptr, totals,
-          packed ? qsums : nullptr, K, nb, packed ? 63.f : 127.f};
+          packed ? integer_sums.data() : nullptr, K, nb, packed ? 63.f : 127.f};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -290,7 +292,6 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
 // BENCHMARKS.md.)
 constexpr int Q8_OUTPUTS = 8;
 constexpr int64_t Q8_BLOCK_BYTES = Q8_OUTPUTS * QK;
-constexpr int Q8_PACKED_ROWS = 8;  // rows per pass
 // up to these many rows keep their float sums in registers; more keep them in memory (in registers beside
 // the integer sums, three and four rows were slower)
 constexpr int Q8_REGISTER_ROWS = 2;
@@ -1378,7 +1379,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
                 "packed weight: a contiguous [N / 8, K / 32, 256] uint8");
     const Activations a = activations(x, Rounding::PACKED_INT8);
     const uint8_t* w = weight.data_ptr<uint8_t>();
-    return product<Q8_PACKED_ROWS, Q8_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+    return product<MANY_ROWS, Q8_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       q8_packed<decltype(R)::value>(w + n / Q8_OUTPUTS * nb * Q8_BLOCK_BYTES, sc + n, a.q + m * K, a.d + m * nb,
                                     a.qsums + m * nb, K, nb, y, ldy);
     }, weight, &a);
@@ -1437,8 +1438,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, int64_t N) {
     if constexpr (rows <= MAX_ROWS)
       outputs(R, n, m, y, ldy);
     else
-      q4_outputs_many<rows>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K,
-                                nb, y, ldy, static_cast<int>(std::min<int64_t>(N - n, Q4_OUTPUTS)));
+      q4_outputs_many<rows>(w + n / Q4_OUTPUTS * nb * Q4_BLOCK_BYTES, q + m * K, d + m * nb, sums + m * nb, K, nb,
+                            y, ldy, static_cast<int>(std::min<int64_t>(N - n, Q4_OUTPUTS)));
   }, weight, &a);
 #endif
 }

@@ -55,12 +55,13 @@ def test_quantized_linear_layers_against_float_reference(rows, dtype):
     int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
     int4.bias = nn.Parameter(bias)
     int4.prepare()
-    # int8 rounds its input to 8 bits (7 where qkernels.cpp packs its weight); int4's kernel takes it in
-    # bfloat16 even for a float32 model
-    tol = 2e-2 if dtype == torch.float32 else 0.15
+    # int8 rounds its input to 8 bits (7, twice the error, where qkernels.cpp packs its weight); int4's kernel
+    # takes it in bfloat16 even for a float32 model
     assert int8.weight_sums is not None and weight_only.weight_sums is None
     for layer, deq in ((int8, int8_deq), (weight_only, int8_deq),
                        (int4, qlinear.dequantize_int4(int4.weight, int4.scales_and_zeros, 32))):
+        packed_int8 = isinstance(layer, qlinear.Int8Linear) and layer.kernel_weight is not None
+        tol = (2e-2 if packed_int8 else 1e-2) if dtype == torch.float32 else 0.15
         layer.to(dtype)
         expected = torch.nn.functional.linear(x.float(), deq, bias)
         got = layer(x.to(dtype)).float()
