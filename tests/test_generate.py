@@ -270,7 +270,11 @@ def test_threads_that_decoded_with_exported_steps_end_and_so_does_the_process(ti
     outputs among them, which Python then holds (KeptOutputs): a thread that decoded that way ends cleanly,
     and so does one that ends while the interpreter is finishing (a daemon thread let go as the process
     ends: it must not let those go through Python then), each with the tokens of eager decoding. In
-    bfloat16, so that the products are qkernels.cpp's too where the CPU has no bfloat16 instructions."""
+    bfloat16, so that the products are qkernels.cpp's too where the CPU has no bfloat16 instructions.
+    The daemon thread's steps are kept beyond it: PyTorch itself (2.13) ends the process with "terminate
+    called without an active exception" when a daemon thread frees a tensor while the interpreter is
+    finishing (THPVariable_clear waits for the GIL there, and Python ends the thread inside it), which made
+    this test fail about once in 80 runs when the thread let its steps go as the process ended."""
     if not qlinear.cpu_kernels():
         pytest.skip("qkernels.cpp is not built here: no step is exported")
     script = f"""
@@ -282,12 +286,14 @@ model = load_model({tiny[2]!r}, "cpu", torch.bfloat16)
 model.setup_caches(max_batch_size=1, max_seq_length=2 * KV_BLOCK)
 prompt, params = list(range(1, 20)), SamplingParams(max_tokens=8)
 tokens, decoded, end = [list(generate(model, prompt, params))], threading.Event(), threading.Event()
+kept = []  # the daemon thread's steps, held beyond it (the docstring says why)
 def decode(wait=False):
     steps = Steps(model, compile=True)
     assert isinstance(steps.decode, ExportedStep)
     tokens.append(list(generate(model, prompt, params, steps=steps)))
     decoded.set()
     if wait:
+        kept.append(steps)
         end.wait()
 thread = threading.Thread(target=decode)
 thread.start()
