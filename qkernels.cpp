@@ -69,11 +69,19 @@ constexpr int MANY_ROWS = 8;
 #define PREFETCH_BYTES 2048
 #endif
 constexpr int PREFETCH = PREFETCH_BYTES;
-// One row's products, bound by the memory, also ask for the lines this much farther ahead than their
+// One row's products, bound by the memory, may also ask for the lines this much farther ahead than their
 // first-level prefetch, into the second-level cache, so that more reads are in flight than the first
-// level's fill buffers hold. On an AMD EPYC (Zen 2) without AVX-512, batch-1 decode steps took 2-6% less
-// time (BENCHMARKS.md).
-constexpr int PREFETCH_FARTHER = 8192;
+// level's fill buffers hold. Whether that helps differs by CPU, so qlinear.py's build sets it (0: not
+// asked): on an AMD EPYC Zen 2, 8 KiB took batch-1 decode steps 2-6% less time; on a Zen 3, 2-10% more
+// (BENCHMARKS.md).
+#ifndef PREFETCH_FARTHER_BYTES
+#define PREFETCH_FARTHER_BYTES 8192
+#endif
+constexpr int PREFETCH_FARTHER = PREFETCH_FARTHER_BYTES;
+// the line PREFETCH_FARTHER bytes past p into the second-level cache, where the build asks for that
+inline void prefetch_farther(const char* p) {
+  if constexpr (PREFETCH_FARTHER > 0) _mm_prefetch(p + PREFETCH_FARTHER, _MM_HINT_T1);
+}
 constexpr int Q4_OUTPUTS = 8;  // int4 outputs made at once, one per lane
 constexpr int64_t Q4_VALUE_BYTES = Q4_OUTPUTS * QK / 2, Q4_BLOCK_BYTES = Q4_VALUE_BYTES + Q4_OUTPUTS * 4;
 
@@ -249,8 +257,8 @@ inline void q8_block(const int8_t* w, int64_t b, const int8_t* q, const float* d
 }
 
 // At one row, bound by the memory, one output at a time: the weight is read as one sequential stream, each
-// line asked for into the first-level cache ONE_ROW_INT8_AHEAD bytes ahead and into the second PREFETCH_FARTHER
-// beyond that. (Four outputs side by side, sharing the work on the row's blocks, read four streams at once:
+// line asked for into the first-level cache ONE_ROW_INT8_AHEAD bytes ahead (and, where the build asks for
+// it, into the second PREFETCH_FARTHER beyond that). (Four outputs side by side, sharing the work on the row's blocks, read four streams at once:
 // on an AMD EPYC (Zen 2), their loads alone, with no arithmetic, came at four fifths of one stream's speed.
 // One output at a time 2 KiB ahead, as the other products prefetch, took as long as those four; 1 KiB ahead,
 // the int8 batch-1 step was 1.06x the tok/s. Half the other products' distance was measured there only:
@@ -267,7 +275,7 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
     const char* line = reinterpret_cast<const char*>(w + b * QK);
     if constexpr (R == 1) {
       _mm_prefetch(line + ONE_ROW_INT8_AHEAD, _MM_HINT_T0);
-      _mm_prefetch(line + ONE_ROW_INT8_AHEAD + PREFETCH_FARTHER, _MM_HINT_T1);
+      prefetch_farther(line + ONE_ROW_INT8_AHEAD);
     } else {
       _mm_prefetch(line + PREFETCH, _MM_HINT_T0);
     }
@@ -309,9 +317,9 @@ void q8_packed(const uint8_t* w, const float* scale, const int8_t* q, const floa
     const uint8_t* block = w + b * Q8_BLOCK_BYTES;
     const char* line = reinterpret_cast<const char*>(block);
     for (int l = 0; l < Q8_BLOCK_BYTES; l += 64) {
-      if constexpr (R == 1) {  // bound by the memory: nearer, and farther into L2 (q8_output)
+      if constexpr (R == 1) {  // bound by the memory: nearer, and farther into L2 where asked (q8_output)
         _mm_prefetch(line + l + ONE_ROW_INT8_AHEAD, _MM_HINT_T0);
-        _mm_prefetch(line + l + ONE_ROW_INT8_AHEAD + PREFETCH_FARTHER, _MM_HINT_T1);
+        prefetch_farther(line + l + ONE_ROW_INT8_AHEAD);
       } else {
         _mm_prefetch(line + l + PREFETCH, _MM_HINT_T0);
       }
@@ -404,7 +412,7 @@ __attribute__((noinline)) void q4_output(const uint8_t* w, const int8_t* q, cons
     const char* ahead = reinterpret_cast<const char*>(w + b * Q4_BLOCK_BYTES + PREFETCH);
     for (int line = 0; line < Q4_BLOCK_BYTES; line += 64) {
       _mm_prefetch(ahead + line, _MM_HINT_T0);
-      if constexpr (R == 1) _mm_prefetch(ahead + PREFETCH_FARTHER + line, _MM_HINT_T1);
+      if constexpr (R == 1) prefetch_farther(ahead + line);
     }
     q4_block<R>(w + b * Q4_BLOCK_BYTES, q, d, sums, K, nb, b, acc, offsets);
   }
@@ -618,7 +626,7 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
   for (; k + AHEAD_EVERY <= K; k += AHEAD_EVERY) {
     for (int o = 0; o < O; ++o) _mm_prefetch(ahead + (O * k + o * AHEAD_EVERY) * sizeof(W), _MM_HINT_T0);
     if constexpr (R == 1)  // a line at a time, through the O rows side by side as the lines above
-      if (O * k % (64 / sizeof(W)) == 0) _mm_prefetch(ahead + PREFETCH_FARTHER + O * k * sizeof(W), _MM_HINT_T1);
+      if (O * k % (64 / sizeof(W)) == 0) prefetch_farther(ahead + O * k * sizeof(W));
     for (int j = 0; j < AHEAD_EVERY / 8; ++j) step(k + 8 * j, j % U);
   }
   for (; k + 8 <= K; k += 8) step(k, 0);

@@ -75,6 +75,11 @@ CUDA_INT4_FUSED_MAX_ROWS = 64
 # best on the Intel Xeon (Ice Lake) and the AMD EPYCs these were tuned on (BENCHMARKS.md); others take AMD's.
 PREFETCH_BYTES = {"GenuineIntel": 8192}
 PREFETCH_BYTES_DEFAULT = 2048
+# How much farther one row's products also ask for lines into the second-level cache, by CPU vendor and
+# family, 0 for not at all: on an AMD EPYC Zen 2 (family 23) batch-1 steps took 2-6% less time with it, on a
+# Zen 3 (family 25) 2-10% more (BENCHMARKS.md); the others keep what they had, unmeasured.
+PREFETCH_FARTHER_BYTES = {("AuthenticAMD", "25"): 0}
+PREFETCH_FARTHER_BYTES_DEFAULT = 8192
 
 
 class Int8Linear(nn.Module):
@@ -449,8 +454,10 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     features = cpu_features()
+    farther = PREFETCH_FARTHER_BYTES.get((cpu_vendor(), cpuinfo("cpu family")), PREFETCH_FARTHER_BYTES_DEFAULT)
     flags = ["-O3", "-march=native", "-fopenmp",
-             f"-DPREFETCH_BYTES={PREFETCH_BYTES.get(cpu_vendor(), PREFETCH_BYTES_DEFAULT)}"]
+             f"-DPREFETCH_BYTES={PREFETCH_BYTES.get(cpu_vendor(), PREFETCH_BYTES_DEFAULT)}",
+             f"-DPREFETCH_FARTHER_BYTES={farther}"]
     name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features) + flags).encode()).hexdigest()[:16]
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
     try:
