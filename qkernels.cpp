@@ -72,7 +72,7 @@ constexpr int PREFETCH = PREFETCH_BYTES;
 // One row's products, bound by the memory, may also ask for the lines this much farther ahead than their
 // first-level prefetch, into the second-level cache, so that more reads are in flight than the first
 // level's fill buffers hold. Whether that helps differs by CPU, so qlinear.py's build sets it (0: not
-// asked): on an AMD EPYC Zen 2, 8 KiB took batch-1 decode steps 2-6% less time; on a Zen 3, 2-10% more
+// asked): on an AMD EPYC Zen 2, 8 KiB took batch-1 decode steps 2-6% less time; on a Zen 3, 1-10% more
 // (BENCHMARKS.md).
 #ifndef PREFETCH_FARTHER_BYTES
 #define PREFETCH_FARTHER_BYTES 8192
@@ -258,8 +258,9 @@ inline void q8_block(const int8_t* w, int64_t b, const int8_t* q, const float* d
 
 // At one row, bound by the memory, one output at a time: the weight is read as one sequential stream, each
 // line asked for into the first-level cache ONE_ROW_INT8_AHEAD bytes ahead (and, where the build asks for
-// it, into the second PREFETCH_FARTHER beyond that). (Four outputs side by side, sharing the work on the row's blocks, read four streams at once:
-// on an AMD EPYC (Zen 2), their loads alone, with no arithmetic, came at four fifths of one stream's speed.
+// it, into the second PREFETCH_FARTHER beyond that). (Four outputs side by side, sharing the work on the
+// row's blocks, read four streams at once: on an AMD EPYC (Zen 2), their loads alone, with no arithmetic,
+// came at four fifths of one stream's speed.
 // One output at a time 2 KiB ahead, as the other products prefetch, took as long as those four; 1 KiB ahead,
 // the int8 batch-1 step was 1.06x the tok/s. Half the other products' distance was measured there only:
 // BENCHMARKS.md.)

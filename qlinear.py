@@ -77,7 +77,7 @@ PREFETCH_BYTES = {"GenuineIntel": 8192}
 PREFETCH_BYTES_DEFAULT = 2048
 # How much farther one row's products also ask for lines into the second-level cache, by CPU vendor and
 # family, 0 for not at all: on an AMD EPYC Zen 2 (family 23) batch-1 steps took 2-6% less time with it, on a
-# Zen 3 (family 25) 2-10% more (BENCHMARKS.md); the others keep what they had, unmeasured.
+# Zen 3 (family 25) 1-10% more (BENCHMARKS.md); the others keep what they had, unmeasured.
 PREFETCH_FARTHER_BYTES = {("AuthenticAMD", "25"): 0}
 PREFETCH_FARTHER_BYTES_DEFAULT = 8192
 
