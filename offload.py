@@ -374,8 +374,8 @@ def load_offloaded(checkpoint_dir: str, device, dtype: torch.dtype, options: Off
             mapped = MappedFile(weights_path)
             # In place when every tensor is stored as it runs: no cast, no repacking (int4's kernel layout is
             # made at load, as int8's is where qkernels.cpp packs it), integers aligned for the int8 kernel.
-            mode = quantization["mode"] if quantization else ""
-            repacked = mode.startswith("int4") or (mode.startswith("int8") and qlinear.q8_packs_weights())
+            repacked = (bool(quantization) and quantization["mode"].startswith("int4")) or any(
+                isinstance(m, qlinear.Int8Linear) and m.packs_weight() for m in template.modules())
             zero_copy = not repacked and all(
                 mapped.dtype(full) == kinds[n].dtype
                 and (kinds[n].is_floating_point() or mapped.span(full)[0] % 64 == 0)

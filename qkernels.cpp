@@ -231,14 +231,15 @@ enum class Rounding { INT8, INT8_SUMS, PACKED_INT8 };
 
 Activations activations(const at::Tensor& x, Rounding rounding) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  thread_local std::vector<float> buffer;  // the scales, sums, integer sums and totals, then the int8 values
-  buffer.resize(3 * M * nb + M + M * K / 4);
-  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + 2 * M * nb;
-  int32_t* qsums = reinterpret_cast<int32_t*>(sums + M * nb);
+  thread_local std::vector<float> buffer;  // the scales, sums and totals, then the int8 values
+  thread_local std::vector<int32_t> integer_sums;
+  buffer.resize(2 * M * nb + M + M * K / 4);
+  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + M * nb;
   int8_t* q = reinterpret_cast<int8_t*>(totals + M);
   const bool packed = rounding == Rounding::PACKED_INT8;
+  if (packed) integer_sums.resize(M * nb);
   return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8_SUMS ? sums : nullptr, totals,
-          packed ? qsums : nullptr, K, nb, packed ? 63.f : 127.f};
+          packed ? integer_sums.data() : nullptr, K, nb, packed ? 63.f : 127.f};
 }
 
 // ---------------------------------------------------------------------------------------------------------

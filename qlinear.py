@@ -127,11 +127,16 @@ class Int8Linear(nn.Module):
                 self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
             else:
                 self.weight_sums.copy_(sums)
-        # (the kernel packs eight output channels at once; every row runs on it where it packs)
-        if self.kernel_rows and q8_packs_weights() and self.out_features % 8 == 0:
+        if self.packs_weight():
             packed = pack_int8_for_kernel(self.weight)
             self.kernel_weight = self.weight.view(torch.uint8).view(packed.shape)
             self.kernel_weight.copy_(packed)
+
+    def packs_weight(self) -> bool:
+        """Whether prepare() packs this layer's weight in place for qkernels.cpp on the CPU (for any device's
+        module: offload.py asks of a template on the meta device). The kernel packs eight output channels at
+        once; where it packs, every row runs on it."""
+        return bool(cpu_kernels()) and self.in_features % 32 == 0 and self.out_features % 8 == 0 and q8_packs_weights()
 
     def forward(self, x):
         if x[..., 0].numel() <= self.kernel_rows:
