@@ -175,10 +175,11 @@ inline void as_constant(int64_t value, F&& f) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Activations: a row of K floats -> K int8 in blocks of 32, each with its scale d and, when sums is given,
-// d * sum(q). levels: the largest magnitude, 127, or 63 for the packed int8 products (q8_packed, below),
-// whose int16 pairs must not overflow.
+// d * sum(q); when offsets is given, 128 * sum(q) (what q8_packed's weights, each plus 128, add to the block's
+// sums). levels: the largest magnitude, 127, or 63 for the packed int8 products (q8_packed, below), whose
+// int16 pairs must not overflow.
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, float levels) {
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, int32_t* offsets, float levels) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -194,9 +195,11 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, f
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? levels / amax : 0.f);
     __m256i i[4];
     for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), nearest));
-    if (sums) {
+    if (sums || offsets) {
       const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-      sums[b] = d[b] * hsum(_mm256_cvtepi32_ps(s));  // (the sum exact: at most 32 * 127)
+      const float sum = hsum(_mm256_cvtepi32_ps(s));  // (exact: at most 32 * 127)
+      if (sums) sums[b] = d[b] * sum;
+      if (offsets) offsets[b] = 128 * static_cast<int32_t>(sum);
     }
     // packing works within 128-bit lanes; the permutation puts the 32 values back in order
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
@@ -210,30 +213,34 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, f
 struct Activations {
   const float* x;            // [M, K], the rows to round
   int8_t* q;                 // [M, K]
-  float *d, *sums, *totals;  // [M, K / 32] each, and [M] (sums and totals but for INT8; totals: sums' sum)
+  float *d, *sums, *totals;  // [M, K / 32] each, and [M] (sums and totals with_sums only; totals: sums' sum)
+  int32_t* offsets;          // [M, K / 32] (packed int8 only)
   int64_t K, nb;             // inputs and blocks per row
   float levels;
   void rows(int64_t begin, int64_t end) const {
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(x + m * K, K, q + m * K, d + m * nb, sums ? sums + m * nb : nullptr, levels);
+      quantize_row(x + m * K, K, q + m * K, d + m * nb, sums ? sums + m * nb : nullptr,
+                   offsets ? offsets + m * nb : nullptr, levels);
       if (sums) totals[m] = std::accumulate(sums + m * nb, sums + (m + 1) * nb, 0.f);
     }
   }
 };
 
-// what a product needs: INT8 -127..127; INT8_SUMS, also each block's d * sum(q) and their total;
-// PACKED_INT8 -63..63, with the sums and totals
+// what a product needs: INT8 -127..127; INT8_SUMS, also each block's d * sum(q); PACKED_INT8 -63..63, and
+// each block's 128 * sum(q)
 enum class Rounding { INT8, INT8_SUMS, PACKED_INT8 };
 
 Activations activations(const at::Tensor& x, Rounding rounding) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
   thread_local std::vector<float> buffer;  // the scales, sums and totals, then the int8 values
+  thread_local std::vector<int32_t> integer_offsets;
   buffer.resize(2 * M * nb + M + M * K / 4);
   float *d = buffer.data(), *sums = d + M * nb, *totals = sums + M * nb;
   int8_t* q = reinterpret_cast<int8_t*>(totals + M);
   const bool packed = rounding == Rounding::PACKED_INT8;
-  return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8 ? nullptr : sums, totals, K, nb,
-          packed ? 63.f : 127.f};
+  if (packed) integer_offsets.resize(M * nb);
+  return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8_SUMS ? sums : nullptr, totals,
+          packed ? integer_offsets.data() : nullptr, K, nb, packed ? 63.f : 127.f};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -289,11 +296,13 @@ void q8_output(const int8_t* w, float scale, const int8_t* q, const float* d, in
 // inputs broadcast, as int4's blocks: without VNNI, the weights as stored needed a sign operation per row and
 // 4 inputs (maddubs takes one unsigned operand) and a transpose of every block (so that an output's sum stays
 // in one lane), which here are gone. maddubs's int16 pairs hold 2 * 255 * |q|, so the rows are rounded to
-// -63..63 (Rounding::PACKED_INT8); what the offset adds, 128 * sum(q) in each block, is taken away once, at
-// the end, from the float sum over the blocks: 128 times the row's total, the sum of its blocks' d * sum(q)
-// (in integers, per block, it had cost a broadcast and a subtraction a row and block, which at eight rows
-// made the product about 1.15x as long; the results differ by under 1e-6 of the largest). A row's result is
-// the same arithmetic in the same order however many rows a pass makes: a batch's rows equal each row alone.
+// -63..63 (Rounding::PACKED_INT8). What the +128 adds to a block's sums, 128 * sum(q), is taken away per row
+// and block, in integers, so that the sums are exact; the rounding makes it, an int32 a block that the
+// kernel broadcasts from memory (made here from sum(q), a shift and a move into a vector register more,
+// eight rows took 1.02-1.07x as long). Taken away once a row from the float sum over all the blocks instead,
+// eight rows took 0.84-0.87x the time, but a block with an outlying input then left its rounding error in
+// every output: int8's perplexity +1.26% over bfloat16, against +0.89%. A row's result is the same
+// arithmetic in the same order however many rows a pass makes: a batch's rows equal each row alone.
 // (Measured against the kernels this replaced: BENCHMARKS.md.)
 constexpr int Q8_OUTPUTS = 8;
 constexpr int64_t Q8_BLOCK_BYTES = Q8_OUTPUTS * QK;
@@ -302,7 +311,7 @@ constexpr int64_t Q8_BLOCK_BYTES = Q8_OUTPUTS * QK;
 constexpr int Q8_REGISTER_ROWS = 2;
 
 template <int R>
-void q8_packed(const uint8_t* w, const float* scale, const int8_t* q, const float* d, const float* totals,
+void q8_packed(const uint8_t* w, const float* scale, const int8_t* q, const float* d, const int32_t* offsets,
                int64_t K, int64_t nb, float* y, int64_t ldy) {
   constexpr bool in_memory = R > Q8_REGISTER_ROWS;
   alignas(32) float memory[in_memory ? R : 1][Q8_OUTPUTS];
@@ -334,18 +343,15 @@ void q8_packed(const uint8_t* w, const float* scale, const int8_t* q, const floa
         for (int r = 0; r < R; ++r) asm("" : "+x"(dot[r]));
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 sum = _mm256_cvtepi32_ps(dot[r]);
+      const __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[r], _mm256_set1_epi32(offsets[r * nb + b])));
       const __m256 db = _mm256_broadcast_ss(d + r * nb + b);
-      if constexpr (in_memory) _mm256_store_ps(memory[r], _mm256_fmadd_ps(sum, db, _mm256_load_ps(memory[r])));
-      else acc[r] = _mm256_fmadd_ps(sum, db, acc[r]);
+      if constexpr (in_memory) _mm256_store_ps(memory[r], _mm256_fmadd_ps(exact, db, _mm256_load_ps(memory[r])));
+      else acc[r] = _mm256_fmadd_ps(exact, db, acc[r]);
     }
   }
   const __m256 s8 = _mm256_loadu_ps(scale);
-  for (int r = 0; r < R; ++r) {
-    const __m256 offset = _mm256_set1_ps(128.f * totals[r]);  // what the weights' 128 added, over all blocks
-    const __m256 sum = in_memory ? _mm256_load_ps(memory[r]) : acc[r];
-    _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(_mm256_sub_ps(sum, offset), s8));
-  }
+  for (int r = 0; r < R; ++r)
+    _mm256_storeu_ps(y + r * ldy, _mm256_mul_ps(in_memory ? _mm256_load_ps(memory[r]) : acc[r], s8));
 }
 
 // An int4 block's 128 bytes of values (the layout above) as unsigned bytes: v[j] and v[j + 4] hold inputs
@@ -1389,7 +1395,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
     const uint8_t* w = weight.data_ptr<uint8_t>();
     return product<MANY_ROWS, Q8_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       q8_packed<decltype(R)::value>(w + n / Q8_OUTPUTS * nb * Q8_BLOCK_BYTES, sc + n, a.q + m * K, a.d + m * nb,
-                                    a.totals + m, K, nb, y, ldy);
+                                    a.offsets + m * nb, K, nb, y, ldy);
     }, weight, &a);
   }
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 &&
