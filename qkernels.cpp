@@ -38,7 +38,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <numeric>
 #include <optional>
 #include <cstring>
 #include <memory>
@@ -153,9 +152,10 @@ typedef int32_t __attribute__((may_alias, aligned(1))) any_int32;
 inline __m512i broadcast4_512(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const any_int32*>(p)); }
 
 // sixteen outputs' sums over a block of 32 inputs: v[j] holds, in lane r, output r's 4 unsigned weights for
-// inputs 4j..4j + 3; qb the block's 32 signed inputs. In two chains, so that each addition waits less.
-inline __m512i dot16(const __m512i* v, const int8_t* qb) {
-  __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+// inputs 4j..4j + 3; qb the block's 32 signed inputs; plus start. In two chains, so that each addition waits
+// less.
+inline __m512i dot16(const __m512i* v, const int8_t* qb, __m512i start = _mm512_setzero_si512()) {
+  __m512i even = start, odd = _mm512_setzero_si512();
   for (int j = 0; j < 8; j += 2) {
     even = _mm512_dpbusd_epi32(even, v[j], broadcast4_512(qb + 4 * j));
     odd = _mm512_dpbusd_epi32(odd, v[j + 1], broadcast4_512(qb + 4 * j + 4));
@@ -175,9 +175,9 @@ inline void as_constant(int64_t value, F&& f) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Activations: a row of K floats -> K int8 in blocks of 32, each with its scale d and, when sums is given,
-// d * sum(q); when offsets is given, 128 * sum(q) (what q8_packed's weights, each plus 128, add to the block's
-// sums). levels: the largest magnitude, 127, or 63 for the packed int8 products (q8_packed, below), whose
-// int16 pairs must not overflow.
+// d * sum(q); when offsets is given, 128 * sum(q) (what int8 weights made unsigned, each plus 128, add to the
+// block's sums in q8_packed and q8_outputs16). levels: the largest magnitude, 127, or 63 for the packed int8
+// products (q8_packed, below), whose int16 pairs must not overflow.
 
 void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, int32_t* offsets, float levels) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -213,34 +213,33 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sums, i
 struct Activations {
   const float* x;            // [M, K], the rows to round
   int8_t* q;                 // [M, K]
-  float *d, *sums, *totals;  // [M, K / 32] each, and [M] (sums and totals with_sums only; totals: sums' sum)
-  int32_t* offsets;          // [M, K / 32] (packed int8 only)
+  float *d, *sums;           // [M, K / 32] each (sums: int4 only)
+  int32_t* offsets;          // [M, K / 32] (int8 with its weights plus 128 only)
   int64_t K, nb;             // inputs and blocks per row
   float levels;
   void rows(int64_t begin, int64_t end) const {
-    for (int64_t m = begin; m < end; ++m) {
+    for (int64_t m = begin; m < end; ++m)
       quantize_row(x + m * K, K, q + m * K, d + m * nb, sums ? sums + m * nb : nullptr,
                    offsets ? offsets + m * nb : nullptr, levels);
-      if (sums) totals[m] = std::accumulate(sums + m * nb, sums + (m + 1) * nb, 0.f);
-    }
   }
 };
 
-// what a product needs: INT8 -127..127; INT8_SUMS, also each block's d * sum(q); PACKED_INT8 -63..63, and
-// each block's 128 * sum(q)
-enum class Rounding { INT8, INT8_SUMS, PACKED_INT8 };
+// what a product needs: INT8 -127..127; INT8_SUMS, also each block's d * sum(q) (int4); INT8_OFFSETS, also
+// each block's 128 * sum(q) (int8 weights plus 128: q8_outputs16); PACKED_INT8 -63..63, and each block's
+// 128 * sum(q) (q8_packed)
+enum class Rounding { INT8, INT8_SUMS, INT8_OFFSETS, PACKED_INT8 };
 
 Activations activations(const at::Tensor& x, Rounding rounding) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  thread_local std::vector<float> buffer;  // the scales, sums and totals, then the int8 values
+  thread_local std::vector<float> buffer;  // the scales and sums, then the int8 values
   thread_local std::vector<int32_t> integer_offsets;
-  buffer.resize(2 * M * nb + M + M * K / 4);
-  float *d = buffer.data(), *sums = d + M * nb, *totals = sums + M * nb;
-  int8_t* q = reinterpret_cast<int8_t*>(totals + M);
-  const bool packed = rounding == Rounding::PACKED_INT8;
-  if (packed) integer_offsets.resize(M * nb);
-  return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8_SUMS ? sums : nullptr, totals,
-          packed ? integer_offsets.data() : nullptr, K, nb, packed ? 63.f : 127.f};
+  buffer.resize(2 * M * nb + M * K / 4);
+  float *d = buffer.data(), *sums = d + M * nb;
+  int8_t* q = reinterpret_cast<int8_t*>(sums + M * nb);
+  const bool packed = rounding == Rounding::PACKED_INT8, offsets = packed || rounding == Rounding::INT8_OFFSETS;
+  if (offsets) integer_offsets.resize(M * nb);
+  return {x.data_ptr<float>(), q, d, rounding == Rounding::INT8_SUMS ? sums : nullptr,
+          offsets ? integer_offsets.data() : nullptr, K, nb, packed ? 63.f : 127.f};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -551,10 +550,12 @@ inline void transpose_16x8(__m512i* v) {
 // Sixteen int8 outputs for R rows, from the weight as stored: each block of the sixteen outputs' rows is
 // transposed in registers (q8_packed's layout, lanes 0-7 outputs n..n + 7 and 8-15 n + 8..n + 15) and
 // made unsigned (w + 128), so that VNNI multiplies it with the row's signed inputs broadcast, as int4's
-// blocks. The 128 * sum(q) that this adds to every output is taken away once, at the end: totals holds
-// each row's sum over its blocks of d * sum(q).
+// blocks. The 128 * sum(q) that this adds to each block's sums is taken away there, in integers (the sums
+// start from minus offsets), as q8_packed does: they stay exact (at most 32 * 128 * 127 in magnitude),
+// where taking d * 128 * sum(q) over all blocks away once, at the end, from the float sums would leave a
+// block with a huge input, and so a huge d, its rounding error in every output.
 template <int R>
-void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const float* d, const float* totals,
+void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const float* d, const int32_t* offsets,
                   int64_t K, int64_t nb, float* y, int64_t ldy) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R];
@@ -568,13 +569,13 @@ void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const fl
     transpose_16x8(v);
     for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(v[j], flip);
     for (int r = 0; r < R; ++r) {
-      const __m512i dot = dot16(v, q + r * K + b * QK);
+      const __m512i dot = dot16(v, q + r * K + b * QK, _mm512_set1_epi32(-offsets[r * nb + b]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d[r * nb + b]), acc[r]);
     }
   }
   const __m512 s16 = _mm512_loadu_ps(scale);
   for (int r = 0; r < R; ++r)
-    _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(_mm512_sub_ps(acc[r], _mm512_set1_ps(128.f * totals[r])), s16));
+    _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(acc[r], s16));
 }
 #endif
 
@@ -1401,11 +1402,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 &&
                   weight.size(0) == N && weight.size(1) == K, "weight: a contiguous [N, K] int8");
 #ifdef HAVE_AVX512
-  const bool wide = x.size(0) > 1;  // sixteen outputs at once (q8_outputs16), which need the rows' sums
+  const bool wide = x.size(0) > 1;  // sixteen outputs at once (q8_outputs16), which need the blocks' offsets
 #else
   const bool wide = false;
 #endif
-  const Activations a = activations(x, wide ? Rounding::INT8_SUMS : Rounding::INT8);
+  const Activations a = activations(x, wide ? Rounding::INT8_OFFSETS : Rounding::INT8);
   const int8_t *w = weight.data_ptr<int8_t>(), *q = a.q;
   const float* d = a.d;
   auto outputs = [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
@@ -1415,7 +1416,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
   if (wide)
     return product<WIDE_ROWS, 16>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       if (n + 16 <= N)
-        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.totals + m, K, a.nb, y, ldy);
+        q8_outputs16<decltype(R)::value>(w + n * K, sc + n, q + m * K, d + m * a.nb, a.offsets + m * a.nb, K, a.nb,
+                                         y, ldy);
       else  // the last outputs, fewer than sixteen
         for (int64_t i = 0; n + i < N; ++i) outputs(R, n + i, m, y + i, ldy);
     }, weight, &a);
