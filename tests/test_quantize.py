@@ -98,6 +98,17 @@ def rounded_by_blocks(x, levels=127):
     return (q.double() * (amax / levels).double()).view_as(x)
 
 
+def prepared_int8(w):
+    """An int8 layer of float weight w [N, K], prepared for qkernels.cpp; its weight as the kernel multiplies
+    it, in float64 (prepare() may pack the weight in place); and the levels the kernel rounds inputs to
+    (-63..63 where it packs the weight: q8_packed's int16 pairs)."""
+    int8 = qlinear.Int8Linear(w.shape[1], w.shape[0])
+    int8.weight, int8.scales = Q.quantize_int8(w)
+    deq = int8.weight.double() * int8.scales.double()[:, None]
+    int8.prepare()
+    return int8, deq, 127 if int8.kernel_weight is None else 63
+
+
 # rows: without AVX-512, 2 a pass with the sums in registers, 5 and 8 one pass with them in memory (int4:
 # each block in a buffer), 11 a pass of eight, then three; with AVX-512, 11 a pass over eight, then three.
 # blocks: int8's one output at a time goes by pairs of blocks, and 25 ends on a block alone. 75 outputs:
@@ -119,12 +130,8 @@ def test_cpu_kernels_against_float64_arithmetic(rows, blocks):
     x[0, 32:64] = 0
     x[-1] = 0.25
     for outputs in (N, 80):
-        int8 = qlinear.Int8Linear(K, outputs)
-        int8.weight, int8.scales = Q.quantize_int8(torch.randn(outputs, K) * 0.05)
-        deq = int8.weight.double() * int8.scales.double()[:, None]  # (prepare() may pack the weight in place)
-        int8.prepare()
+        int8, deq, levels = prepared_int8(torch.randn(outputs, K) * 0.05)
         assert int8.kernel_rows >= rows
-        levels = 127 if int8.kernel_weight is None else 63  # (packed: -63..63, q8_packed's int16 pairs)
         expected = rounded_by_blocks(x, levels) @ deq.t()
         torch.testing.assert_close(int8(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
         if int8.kernel_weight is not None:  # the same arithmetic for a row whatever the rows beside it
@@ -155,14 +162,12 @@ def test_unsigned_int8_sums_are_exact_beside_a_massive_activation():
         pytest.skip("qkernels.cpp cannot be built here (no AVX2, or no C++ compiler)")
     torch.manual_seed(0)
     K, N = 576, 64
-    int8 = qlinear.Int8Linear(K, N)
-    int8.weight, int8.scales = Q.quantize_int8(torch.randn(N, K) * 0.05)
-    int8.weight[:, 7] = 0
-    deq = int8.weight.double() * int8.scales.double()[:, None]
-    int8.prepare()
+    w = torch.randn(N, K) * 0.05
+    w[:, 7] = 0
+    int8, deq, levels = prepared_int8(w)
+    assert (deq[:, 7] == 0).all()
     x = torch.randn(3, K)
     x[:, 7] = 3000
-    levels = 127 if int8.kernel_weight is None else 63  # (packed: -63..63)
     expected = rounded_by_blocks(x, levels) @ deq.t()
     torch.testing.assert_close(int8(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
