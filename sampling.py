@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 from errors import UsageError
-from qlinear import cpu_kernels
 
 
 def check_number(options, name: str, integer: bool, low, low_ok: bool = True, high=None, high_ok: bool = True,
@@ -92,17 +91,14 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     vocabulary; eager, PyTorch's kernel is as fast as the two passes or faster (BENCHMARKS.md)."""
     if not torch.compiler.is_compiling():
         return x.argmax(dim=-1)
-    if x.device.type == "cpu" and x.dim() == 2 and cpu_argmax():
+    # qkernels.cpp's op where it is built, which every compilation for the CPU here does first
+    # (decode.inductor_options, ExportedStep.suits). (Asked of torch.ops, not of a function marked constant
+    # for Dynamo: marking it would import Dynamo with this file, over a second of every command's start.)
+    if x.device.type == "cpu" and x.dim() == 2 and hasattr(torch.ops.nimblelm, "argmax"):
         return torch.ops.nimblelm.argmax(x.float().contiguous())
     x = x.float()
     index = torch.arange(x.shape[-1], device=x.device)
     return torch.where(x == x.amax(dim=-1, keepdim=True), index, x.shape[-1] - 1).amin(dim=-1)
-
-
-@torch.compiler.assume_constant_result
-def cpu_argmax() -> bool:
-    """Whether qkernels.cpp is built, and its argmax there (what a compiled graph takes as a constant)."""
-    return bool(cpu_kernels())
 
 
 def sample_from(probs: torch.Tensor) -> torch.Tensor:
