@@ -111,9 +111,20 @@ def read_config(checkpoint_dir: str) -> tuple:
         raise UsageError(f"{config_path}: {e}")
 
 
+class NoInit(torch.overrides.TorchFunctionMode):
+    """torch.nn.init's functions leave their tensor as it is: for modules built on the meta device, which
+    have no values to initialise. (Meta's normal_, which nn.Embedding calls, imports Dynamo: over a second
+    that nothing else in an uncompiled run pays.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build_on_meta(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
     """The model with no storage yet; quantized checkpoints get int8 / int4 layers for nn.Linear."""
-    with torch.device("meta"):
+    with torch.device("meta"), NoInit():
         model = Transformer(args)
     if quantization:
         qlinear.replace_linears(model, quantization)
