@@ -175,11 +175,19 @@ def add_all_reduces(model, group):
     row's range, so that their rounding is one process's."""
     import torch.distributed._functional_collectives as funcol
 
+    def reduce(t, op):
+        # Functional collectives in compiled graphs; uncompiled, c10d's own, in place: the functional ones
+        # import Dynamo when first called, over a second of every rank's start.
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(t, op, group)
+        dist.all_reduce(t, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+        return t
+
     def all_reduce(module, inputs, output):
-        return funcol.all_reduce(output, "sum", group)
+        return reduce(output, "sum")
 
     def row_range(lo, hi):  # [rows, 1] each: the smallest and largest of each row's slices
-        both = funcol.all_reduce(torch.cat([-lo, hi], dim=-1), "max", group)
+        both = reduce(torch.cat([-lo, hi], dim=-1), "max")
         return -both[:, :1], both[:, 1:]
 
     for layer in model.layers:
