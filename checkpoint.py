@@ -126,8 +126,8 @@ def build_on_meta(args: ModelArgs, quantization: Optional[dict] = None) -> Trans
     """The model with no storage yet; quantized checkpoints get int8 / int4 layers for nn.Linear."""
     with torch.device("meta"), NoInit():
         model = Transformer(args)
-    if quantization:
-        qlinear.replace_linears(model, quantization)
+        if quantization:
+            qlinear.replace_linears(model, quantization)
     return model
 
 

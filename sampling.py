@@ -91,9 +91,10 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     vocabulary; eager, PyTorch's kernel is as fast as the two passes or faster (BENCHMARKS.md)."""
     if not torch.compiler.is_compiling():
         return x.argmax(dim=-1)
-    # qkernels.cpp's op where it is built, which every compilation for the CPU here does first
-    # (decode.inductor_options, ExportedStep.suits). (Asked of torch.ops, not of a function marked constant
-    # for Dynamo: marking it would import Dynamo with this file, over a second of every command's start.)
+    # qkernels.cpp's op where it is built, which every CPU step that samples has done before it is traced
+    # (decode.inductor_options' attention pass, ExportedStep.suits). (Asked of torch.ops, not of a function
+    # marked constant for Dynamo: marking it would import Dynamo with this file, over a second of every
+    # command's start.)
     if x.device.type == "cpu" and x.dim() == 2 and hasattr(torch.ops.nimblelm, "argmax"):
         return torch.ops.nimblelm.argmax(x.float().contiguous())
     x = x.float()
