@@ -9,6 +9,9 @@ generate(), and TextStream, which turns tokens into printable text and finds sto
 Decoding runs over the model's static KV cache, so a compiled decode step is one fixed graph (CUDA graphs
 on CUDA). Sampling happens on the device; the only host transfer per step is the new token.
 """
+import dataclasses
+import functools
+import hashlib
 import operator
 import os
 import types
@@ -282,7 +285,9 @@ class ExportedStep:
     else (None, the sampling's numbers) is compiled in. Other shapes or values compile another graph, and
     once setup_caches has replaced the caches every graph is dropped (as CompiledStep does). The
     libraries are kept on disk (cache_dir()), named by a digest of the exported graph and what it was
-    compiled with, so a later process exports the step again (seconds) but compiles it only once."""
+    compiled with, so a step is compiled once per machine; and found again by trace_key(), a digest of what
+    the export depends on, so that a later process neither traces nor compiles it (the trace took about
+    three quarters of a warm compiled run's start, BENCHMARKS.md)."""
 
     def __init__(self, fn):
         self.fn, self.runners, self.caches = fn, {}, None
@@ -311,11 +316,40 @@ class ExportedStep:
         return torch.utils._pytree.tree_unflatten(outputs, out_spec)
 
     def build(self, model: Transformer, args: tuple):
-        from torch._inductor import aoti_load_package
-        from torch.export import Dim, export
         lengths = torch.empty(model.max_seq_length + 1, dtype=torch.uint8)
         kinds = ["size" if type(a) is DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a for a in args]
         module = _StepModule(self.fn, model, kinds)
+        key = trace_key(self.fn, module, args)
+        index = key and os.path.join(cache_dir(), f"trace-{key}.txt")
+        found, loaded = read_index(index) if index else None, None
+        if found:
+            try:
+                loaded = load_step(found, module, {})
+            except (RuntimeError, AttributeError):  # (a file cut short, say: traced and compiled again)
+                pass
+        if not loaded:
+            program = self.export(module, model, kinds, args, lengths)
+            path = compiled_package(program)
+            loaded = load_step(path, module, program.constants)
+            if index and all(found_in(module, name, t) for name, t in loaded[1].items()):
+                # (a constant the trace made, not one of the model's tensors, would be missing in a process
+                # that loads the library without tracing: such a step is traced every time)
+                def name(tmp: str):
+                    with open(tmp, "w") as f:
+                        f.write(os.path.basename(path))
+                write_whole(index, name)
+        loader, named = loaded
+        out_spec = torch.utils._pytree.treespec_loads(loader.get_call_spec()[1])
+        # A team for a step of one token (its first tensor argument): with several, the products are bound by
+        # the CPU's arithmetic rather than the memory's reads, and Inductor's own kernels would lose their
+        # threads to the team (int4's batch-8 steps 1-2% slower with one, BENCHMARKS.md)
+        tokens = next(a for a in args if isinstance(a, torch.Tensor))
+        return loader, out_spec, lengths, KernelTeam() if tokens.numel() == 1 else None, named
+
+    @staticmethod
+    def export(module: "_StepModule", model: Transformer, kinds: list, args: tuple, lengths: torch.Tensor):
+        """module's call traced by torch.export, its attention given to qkernels.cpp (few_query_attention_pass)."""
+        from torch.export import Dim, export
         with torch.inference_mode(False), torch.no_grad():  # (export's example inputs: no inference tensors)
             example = tuple(t.clone() for t in step_inputs(args, lengths))
             # (an attended length: 2 slots at least, and no more than the cache has)
@@ -324,21 +358,7 @@ class ExportedStep:
             program = export(module, example, dynamic_shapes=(shapes,), strict=False)
         few_query_attention_pass()(program.graph)
         program.graph_module.recompile()
-        runner = aoti_load_package(compiled_package(program))
-        named = dict(module.named_parameters(remove_duplicate=False))
-        named.update(module.named_buffers(remove_duplicate=False))
-        named.update(program.constants)
-        # user_managed: the library reads the model's memory, no copy. It keeps a reference to what it is
-        # given and never drops it (PyTorch 2.13), so it is given views that do not own that memory (as
-        # Inductor's CUDA graph trees make them), and the tensors themselves are held with the library.
-        runner.load_constants({name: unowned(named[name]) for name in runner.get_constant_fqns()},
-                              check_full_update=True, user_managed=True)
-        out_spec = torch.utils._pytree.treespec_loads(runner.loader.get_call_spec()[1])
-        # A team for a step of one token (its first tensor argument): with several, the products are bound by
-        # the CPU's arithmetic rather than the memory's reads, and Inductor's own kernels would lose their
-        # threads to the team (int4's batch-8 steps 1-2% slower with one, BENCHMARKS.md)
-        tokens = next(a for a in args if isinstance(a, torch.Tensor))
-        return runner.loader, out_spec, lengths, KernelTeam() if tokens.numel() == 1 else None, named
+        return program
 
 
 def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
@@ -363,6 +383,118 @@ class _StepModule(torch.nn.Module):
         return self.fn(self.model, *args)
 
 
+def load_step(path: str, module: torch.nn.Module, constants: dict) -> tuple:
+    """The compiled step at path, loaded and given module's tensors (or constants', the ones an export made):
+    (its loader, the tensors by name). RuntimeError where the file cannot be loaded, AttributeError where it
+    names a tensor that module does not have. (PyTorch's own loader, without torch._inductor's Python,
+    which takes a second to import.)"""
+    loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+    named = {name: constants[name] if name in constants else attribute(module, name)
+             for name in loader.get_constant_fqns()}
+    # user_managed: the library reads the model's memory, no copy. It keeps a reference to what it is given
+    # and never drops it (PyTorch 2.13), so it is given views that do not own that memory (as Inductor's
+    # CUDA graph trees make them), and the tensors themselves are held with the library.
+    # (constants_map, use_inactive, check_full_update, user_managed, allow_h2d_copy)
+    loader.load_constants({name: unowned(t) for name, t in named.items()}, False, True, True, False)
+    return loader, named
+
+
+def attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """module's tensor of that dotted name (a parameter, buffer or plain attribute of a submodule)."""
+    for part in name.split("."):
+        module = getattr(module, part)
+    if not isinstance(module, torch.Tensor):
+        raise AttributeError(name)
+    return module
+
+
+def found_in(module: torch.nn.Module, name: str, t: torch.Tensor) -> bool:
+    try:
+        return attribute(module, name) is t
+    except AttributeError:
+        return False
+
+
+def trace_key(fn, module: torch.nn.Module, args: tuple) -> Optional[str]:
+    """A digest of what torch.export's trace of module (fn(model, *args)) depends on, so that a later
+    process finds the library compiled from it without tracing: this checkout's code (every .py file beside
+    this one, and qkernels.cpp), PyTorch's and Python's versions, the CPU's features, the default dtype; the
+    step function; the arguments (a tensor's shape, dtype and strides, a symbolic size as such, other values
+    as they are); and the model: every module's class and attributes (sizes, flags, its config, its hooks'
+    names), and every tensor's name, shape, dtype and strides and which of them are one tensor or share
+    memory. None for a function that closes over values (which it does not name)."""
+    if not isinstance(fn, types.FunctionType) or fn.__closure__:
+        return None
+    import sys
+    first = {}  # the first name each tensor, and each tensor's memory, was seen under
+
+    def plain(name: str, v):
+        if isinstance(v, torch.Tensor):
+            return (tensor_meta(v), first.setdefault(("tensor", id(v)), name),
+                    first.setdefault(("memory", v.untyped_storage().data_ptr()), name))
+        if isinstance(v, dict):
+            return [(k, plain(f"{name}.{k}", x)) for k, x in v.items()]
+        if isinstance(v, (tuple, list)):
+            return [plain(name, x) for x in v]
+        if isinstance(v, (set, frozenset)):
+            return sorted(map(repr, v))
+        if isinstance(v, (bool, int, float, str, type(None), torch.dtype, torch.device)) or dataclasses.is_dataclass(v):
+            return v
+        return getattr(v, "__qualname__", type(v).__qualname__)  # (a hook: its function's name)
+
+    parts = [torch.__version__, sys.version_info[:2], sorted(cpu_features()), torch.get_default_dtype(),
+             source_digest(), fn.__module__, fn.__qualname__]
+    parts += [("size",) if type(a) is DynamicInt else plain("", a) for a in args]
+    for name, m in module.named_modules(remove_duplicate=False):
+        parts.append((name, type(m).__module__, type(m).__qualname__))
+        # (_parameters and _buffers name the tensors by their module's name: theirs, with a dot)
+        parts += [(k, plain(name if k in ("_parameters", "_buffers") else f"{name}.{k}", v))
+                  for k, v in sorted(vars(m).items()) if k != "_modules"]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def tensor_meta(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.stride(), t.device.type, t.requires_grad
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of this checkout's code: every .py file in this folder, and qkernels.cpp."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py") or name == "qkernels.cpp":
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def read_index(index: str) -> Optional[str]:
+    """The compiled step that a trace_key's index file names, where both are there."""
+    try:
+        with open(index) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    path = os.path.join(cache_dir(), name)
+    return path if name.startswith("step-") and os.path.isfile(path) else None
+
+
+def write_whole(path: str, write):
+    """The file at path written whole or not at all: write(name) writes a temporary file beside it (of the
+    same extension), which is then renamed."""
+    import tempfile
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def unowned(t: torch.Tensor) -> torch.Tensor:
     """A view of t's memory that does not keep it alive."""
     storage = t.untyped_storage()
@@ -374,8 +506,6 @@ def compiled_package(program) -> str:
     """The path of program compiled by AOTInductor with our settings (inductor_options; the weights not in
     the library), from cache_dir() where an earlier process compiled the same graph, else compiled now
     and written there whole (a temporary file renamed) or not at all."""
-    import hashlib
-    import tempfile
     from torch._inductor import aoti_compile_and_package
     options = inductor_options(torch.device("cpu"), loop_attention=False)
     del options["cpp_wrapper"]  # (a library's code is C++ anyway)
@@ -392,18 +522,12 @@ def compiled_package(program) -> str:
                                   placeholders)).encode()).hexdigest()[:32]
     path = os.path.join(cache_dir(), f"step-{digest}.pt2")
     if not os.path.exists(path):
-        os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix="tmp-", suffix=".pt2")
-        os.close(fd)
-        try:
+        def compile(tmp: str):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")
                 warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)  # (PyTorch's own use, deprecated)
                 aoti_compile_and_package(program, package_path=tmp, inductor_configs=options)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_whole(path, compile)
     return path
 
 

@@ -244,24 +244,50 @@ def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
 
-def test_an_exported_step_is_written_whole_once_and_loaded_after(tiny, tmp_path, monkeypatch):
+def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(tiny, tmp_path, monkeypatch):
     """A CPU decode step compiled ahead of time (decode.ExportedStep) goes into the step cache as one whole
-    file, and a second Steps, as a later process would, loads it instead of compiling again."""
+    file, with an index named by its trace_key; a second Steps, as a later process would, finds it there
+    without tracing or compiling. An index that names a file that cannot be loaded costs a trace, not a
+    wrong step; and what the trace depends on changes the key."""
     if not qlinear.cpu_kernels():
         pytest.skip("qkernels.cpp is not built here: no step is exported")
     import torch._inductor
     monkeypatch.setenv("NIMBLELM_HOME", str(tmp_path))
+    traces = []
+    export = G.ExportedStep.export
+    monkeypatch.setattr(G.ExportedStep, "export", staticmethod(lambda *a: traces.append(1) or export(*a)))
     _, model, _ = tiny
     model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
     try:
         prompt = list(range(1, 20))
         eager = run(model, prompt, 4)
-        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager
+        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager and len(traces) == 1
         files = sorted(p.name for p in (tmp_path / "steps").iterdir())
-        assert len(files) == 1 and files[0].startswith("step-") and files[0].endswith(".pt2")
+        assert [name.split("-")[0] for name in files] == ["step", "trace"] and files[0].endswith(".pt2")
+        index = tmp_path / "steps" / files[1]
+        assert index.read_text() == files[0]
         monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled again"))
-        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager
+        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager and len(traces) == 1
         assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == files
+        # a file cut short: traced again, and the library found by the graph's digest, not compiled again
+        (tmp_path / "steps" / "step-cut.pt2").write_bytes(b"PK\x03\x04")
+        index.write_text("step-cut.pt2")
+        assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager and len(traces) == 2
+        assert index.read_text() == files[0]
+
+        def key(model, *args, fn=G.decode_step):
+            kinds = ["size" if type(a) is G.DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a
+                     for a in args]
+            return G.trace_key(fn, G._StepModule(fn, model, kinds), args)
+        args = (torch.tensor([5]), torch.tensor([50]), None, G.attended_length(model, 51), 0.0, None, None)
+        assert key(model, *args) == index.name[len("trace-"):-len(".txt")]
+        assert key(model, *args[:3], G.attended_length(model, 90), *args[4:]) == key(model, *args)  # symbolic
+        assert key(model, *args[:4], 0.7, 5, None) != key(model, *args)  # sampling compiled in
+        assert key(model, torch.tensor([[5]]), *args[1:]) != key(model, *args)  # another shape
+        assert key(model, *args, fn=G.prefill) != key(model, *args)
+        assert key(model, *args, fn=lambda m, *a: G.decode_step(m, *a) if traces else None) is None  # a closure
+        model.setup_caches(max_batch_size=1, max_seq_length=3 * G.KV_BLOCK)
+        assert key(model, *args) != index.name[len("trace-"):-len(".txt")]  # the caches' size
     finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
