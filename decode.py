@@ -459,7 +459,9 @@ def tensor_meta(t: torch.Tensor) -> tuple:
 
 @functools.cache
 def source_digest() -> str:
-    """A digest of this checkout's code: every .py file in this folder, and qkernels.cpp."""
+    """A digest of this checkout's code: every .py file in this folder, and qkernels.cpp. Taken as this
+    module is imported (below), next to when the code that a trace runs was read: taken later, after the
+    files had been edited, it would file the old code's step under the new code's key."""
     folder = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
@@ -467,6 +469,9 @@ def source_digest() -> str:
             with open(os.path.join(folder, name), "rb") as f:
                 digest.update(name.encode() + b"\0" + f.read())
     return digest.hexdigest()
+
+
+source_digest()
 
 
 def read_index(index: str) -> Optional[str]:
