@@ -325,7 +325,7 @@ class ExportedStep:
         if found:
             try:
                 loaded = load_step(found, module, {})
-            except (RuntimeError, AttributeError):  # (a file cut short, say: traced and compiled again)
+            except (RuntimeError, AttributeError):  # (a file cut short, say: traced again)
                 pass
         if not loaded:
             program = self.export(module, model, kinds, args, lengths)
