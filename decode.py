@@ -14,6 +14,7 @@ import functools
 import hashlib
 import operator
 import os
+import sys
 import types
 import warnings
 from typing import Iterator, Optional
@@ -319,7 +320,7 @@ class ExportedStep:
         lengths = torch.empty(model.max_seq_length + 1, dtype=torch.uint8)
         kinds = ["size" if type(a) is DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a for a in args]
         module = _StepModule(self.fn, model, kinds)
-        key = trace_key(self.fn, module, args)
+        key = trace_key(self.fn, model, args)
         index = key and os.path.join(cache_dir(), f"trace-{key}.txt")
         found, loaded = read_index(index) if index else None, None
         if found:
@@ -415,8 +416,8 @@ def found_in(module: torch.nn.Module, name: str, t: torch.Tensor) -> bool:
         return False
 
 
-def trace_key(fn, module: torch.nn.Module, args: tuple) -> Optional[str]:
-    """A digest of what torch.export's trace of module (fn(model, *args)) depends on, so that a later
+def trace_key(fn, model: torch.nn.Module, args: tuple) -> Optional[str]:
+    """A digest of what torch.export's trace of fn(model, *args) depends on, so that a later
     process finds the library compiled from it without tracing: this checkout's code (every .py file beside
     this one, and qkernels.cpp), PyTorch's and Python's versions, the CPU's features, the default dtype; the
     step function; the arguments (a tensor's shape, dtype and strides, a symbolic size as such, other values
@@ -425,7 +426,6 @@ def trace_key(fn, module: torch.nn.Module, args: tuple) -> Optional[str]:
     memory. None for a function that closes over values (which it does not name)."""
     if not isinstance(fn, types.FunctionType) or fn.__closure__:
         return None
-    import sys
     first = {}  # the first name each tensor, and each tensor's memory, was seen under
 
     def plain(name: str, v):
@@ -445,7 +445,7 @@ def trace_key(fn, module: torch.nn.Module, args: tuple) -> Optional[str]:
     parts = [torch.__version__, sys.version_info[:2], sorted(cpu_features()), torch.get_default_dtype(),
              source_digest(), fn.__module__, fn.__qualname__]
     parts += [("size",) if type(a) is DynamicInt else plain("", a) for a in args]
-    for name, m in module.named_modules(remove_duplicate=False):
+    for name, m in model.named_modules(remove_duplicate=False):
         parts.append((name, type(m).__module__, type(m).__qualname__))
         # (_parameters and _buffers name the tensors by their module's name: theirs, with a dot)
         parts += [(k, plain(name if k in ("_parameters", "_buffers") else f"{name}.{k}", v))

@@ -276,9 +276,7 @@ def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(
         assert index.read_text() == files[0]
 
         def key(model, *args, fn=G.decode_step):
-            kinds = ["size" if type(a) is G.DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a
-                     for a in args]
-            return G.trace_key(fn, G._StepModule(fn, model, kinds), args)
+            return G.trace_key(fn, model, args)
         args = (torch.tensor([5]), torch.tensor([50]), None, G.attended_length(model, 51), 0.0, None, None)
         assert key(model, *args) == index.name[len("trace-"):-len(".txt")]
         assert key(model, *args[:3], G.attended_length(model, 90), *args[4:]) == key(model, *args)  # symbolic
