@@ -561,7 +561,7 @@ def frozen_settings(model: Transformer, rows: int) -> Optional[dict]:
       has it for int8; int4 unpacked in registers) beside PyTorch's, over a copy of the weight packed at
       compile time, and keeps the faster per shape. For int8 Inductor's won for every layer of the default
       model, at 1 and 8 rows; for int4 at one row (at 8, for some shapes; no faster step).
-    - float linear layers (nn.Linear; not qlinear.HalfLinear, which reads the weight as stored), at several
+    - float linear layers (nn.Linear; not qlinear.FloatLinear, which reads the weight as stored), at several
       rows: a product of several rows by a weight as the model stores it is a GEMM that oneDNN first
       reorders the weight for, on every call; frozen, once, at compile time.
       A single row keeps the plain weight, which Inductor's decompose-mm loop streams faster.

@@ -232,7 +232,7 @@ class Buffers:
         self.buffer_tensors = [tensors_of(b) for b in buffers]
         self.pointers = [Pointer(block, list(self.buffer_tensors[0])) for block in blocks]
         # what qlinear.prepare chose for a buffer's layers (not tensors) holds for theirs: the kernels and up
-        # to how many rows they run, and the class (a float layer that became HalfLinear)
+        # to how many rows they run, and the class (a float layer that became FloatLinear)
         for block in blocks:
             for mine, theirs in zip(block.modules(), buffers[0].modules()):
                 mine.__class__ = type(theirs)

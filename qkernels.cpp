@@ -1,6 +1,6 @@
 // The CPU kernels of a decode step: int8 x int8 and int4 x int8 products, in llama.cpp's scheme (Q8_0 x Q8_0,
-// Q4_1 x Q8_0) over our layers' own tensors; for CPUs without bfloat16 instructions, bfloat16 or float16
-// weights by float32 inputs (half_linear); the attention of a decode step's few query rows
+// Q4_1 x Q8_0) over our layers' own tensors; float32 weights, and bfloat16 or float16 ones for CPUs without
+// instructions for those, by float32 inputs (float_linear); the attention of a decode step's few query rows
 // (few_query_attention, which decode.few_query_attention_pass puts in compiled steps); the greedy
 // token (argmax, which sampling.argmax calls in compiled steps); and a team of threads held for a whole
 // compiled step, which read the next weights ahead between its products (Team).
@@ -580,16 +580,18 @@ void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const fl
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
-// O outputs for R rows of a bfloat16 or float16 weight: each 8 weights convert to float32 in registers and
-// multiply-add with every row's 8 inputs. (Where the CPU has no bfloat16 instructions, PyTorch's products of
-// such weights run at the same few GFLOP/s whatever the rows.) A multiply-add waits on the one before into
+// O outputs for R rows of a float32, bfloat16 or float16 weight: each 8 weights, converted to float32 in
+// registers, multiply-add with every row's 8 inputs. (Where the CPU has no bfloat16 instructions, PyTorch's
+// products of such weights run at the same few GFLOP/s whatever the rows; its float32 products of a decode
+// step's few rows ran on one core whatever its threads, at about half the memory's speed for one row and a
+// fifth for 2 to 8: BENCHMARKS.md.) A multiply-add waits on the one before into
 // the same sums for several cycles, so a pass keeps at least about eight sets of sums going: one row two
 // per output, two rows two per output and row, more rows one per output and row. Several rows take two
 // outputs at a time (each row's inputs loaded once for both), whose sums fill twelve of the sixteen vector
 // registers at six rows. Measured on an AVX2 machine (BENCHMARKS.md): a decode step's products took
 // 15-29% less time at 2 to 8 rows than one output at a time, and one row as long.
 
-constexpr int HALF_MAX_ROWS = 6, HALF_OUTPUTS = 2;
+constexpr int FLOAT_MAX_ROWS = 6, FLOAT_OUTPUTS = 2;
 
 // 8 numbers from p as floats: float32, bfloat16 or float16 (the weights here, the KV cache in the attention)
 template <typename T>
@@ -607,7 +609,7 @@ inline __m256 load8(const T* p) {
 
 // w: the first of O weight rows, which lie one after another in memory
 template <int O, int R, typename W>
-void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
+void float_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
   constexpr int U = R <= 2 ? 2 : 1;
   __m256 acc[U][O][R];
   for (int u = 0; u < U; ++u)
@@ -627,12 +629,15 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
   // run PREFETCH bytes past the last row's position at that speed, into the next outputs' rows, as one
   // row's run past its own. (Ahead of each row on its own, they would ask for lines that the pass is
   // about to read anyway: several rows then took as long as one output at a time.) One row prefetches
-  // every 32 bytes, as measured best for it; more rows every line.
-  constexpr int64_t AHEAD_EVERY = (R == 1 ? 32 : 64) / sizeof(W);
+  // every 32 bytes, as measured best for it (float32 too: every line took 1.05x the time); more rows every
+  // line. A pass between prefetches covers at least 16 numbers, so that one row's two sets of sums alternate.
+  constexpr int64_t AHEAD_STEP = R == 1 ? 32 : 64;
+  constexpr int64_t AHEAD_EVERY = std::max<int64_t>(AHEAD_STEP / sizeof(W), 16);
   const char* ahead = reinterpret_cast<const char*>(w + (O - 1) * K) + PREFETCH;
   int64_t k = 0;
   for (; k + AHEAD_EVERY <= K; k += AHEAD_EVERY) {
-    for (int o = 0; o < O; ++o) _mm_prefetch(ahead + (O * k + o * AHEAD_EVERY) * sizeof(W), _MM_HINT_T0);
+    for (int64_t b = 0; b < O * AHEAD_EVERY * int64_t(sizeof(W)); b += AHEAD_STEP)
+      _mm_prefetch(ahead + O * k * sizeof(W) + b, _MM_HINT_T0);
     if constexpr (R == 1)  // a line at a time, through the O rows side by side as the lines above
       if (O * k % (64 / sizeof(W)) == 0) prefetch_farther(ahead + O * k * sizeof(W));
     for (int j = 0; j < AHEAD_EVERY / 8; ++j) step(k + 8 * j, j % U);
@@ -648,21 +653,25 @@ void half_output(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
 }
 
 #ifdef HAVE_AVX512
-// 16 numbers from p as floats: bfloat16 or float16
+// 16 numbers from p as floats: float32, bfloat16 or float16
 template <typename T>
 inline __m512 load16(const T* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  if constexpr (std::is_same_v<T, at::BFloat16>)
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  else
-    return _mm512_cvtph_ps(h);
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else
+      return _mm512_cvtph_ps(h);
+  }
 }
 
-// half_output for several rows in 512-bit vectors: several rows are bound by the multiply-adds, and these
+// float_output for several rows in 512-bit vectors: several rows are bound by the multiply-adds, and these
 // do twice as many an instruction; with 32 registers, up to eight rows' sums of two outputs at once
-// (WIDE_ROWS). Prefetched as half_output's several rows are.
+// (WIDE_ROWS). Prefetched as float_output's several rows are.
 template <int O, int R, typename W>
-void half_output16(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
+void float_output16(const W* w, const float* x, int64_t K, float* y, int64_t ldy) {
   __m512 acc[O][R];
   for (int o = 0; o < O; ++o)
     for (int r = 0; r < R; ++r) acc[o][r] = _mm512_setzero_ps();
@@ -1066,8 +1075,8 @@ void attend16(const T* q, int64_t ldq, const T* k, const T* v, int64_t L, int64_
 
 // ---------------------------------------------------------------------------------------------------------
 // The ops: outputs split among PyTorch's threads, WIDTH at a time (the int4 product's eight at once,
-// half_linear's two, or one); for each, the activation rows MAX_ROWS at a time (HALF_MAX_ROWS for
-// half_linear).
+// float_linear's two, or one); for each, the activation rows MAX_ROWS at a time (FLOAT_MAX_ROWS for
+// float_linear).
 //
 // Each thread starts on its own run of the outputs (at::parallel_for's equal shares, so that each reads one
 // stretch of the weight, prefetches included) and, done with it, takes what is left of another's from its
@@ -1505,30 +1514,32 @@ at::Tensor q4_pack(const at::Tensor& weight, const at::Tensor& scales, const at:
   return packed;
 }
 
-at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
   check_input(x, 1);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) && weight.is_contiguous() &&
-                  weight.dim() == 2 && weight.size(1) == K, "weight: a contiguous [N, K] bfloat16 or float16");
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) && weight.is_contiguous() &&
+                  weight.dim() == 2 && weight.size(1) == K, "weight: a contiguous [N, K] float32, bfloat16 or float16");
   const float* xp = x.data_ptr<float>();
   auto run = [&](auto* w) {
 #ifdef HAVE_AVX512
     if (M > 1)
-      return product<WIDE_ROWS, HALF_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+      return product<WIDE_ROWS, FLOAT_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
         constexpr int rows = decltype(R)::value;
-        if (n + HALF_OUTPUTS <= N) return half_output16<HALF_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
-        half_output16<1, rows>(w + n * K, xp + m * K, K, y, ldy);  // the last output, of an odd number
+        if (n + FLOAT_OUTPUTS <= N) return float_output16<FLOAT_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
+        float_output16<1, rows>(w + n * K, xp + m * K, K, y, ldy);  // the last output, of an odd number
       }, weight);
 #endif
-    return product<HALF_MAX_ROWS, HALF_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
+    return product<FLOAT_MAX_ROWS, FLOAT_OUTPUTS>(x, N, [&](auto R, int64_t n, int64_t m, float* y, int64_t ldy) {
       constexpr int rows = decltype(R)::value;
       // one row (a decode step): one output at a time, whose rows of weights it reads in order
-      if (M > 1 && n + HALF_OUTPUTS <= N) return half_output<HALF_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
-      for (int64_t end = std::min(n + HALF_OUTPUTS, N); n < end; ++n, ++y)
-        half_output<1, rows>(w + n * K, xp + m * K, K, y, ldy);
+      if (M > 1 && n + FLOAT_OUTPUTS <= N) return float_output<FLOAT_OUTPUTS, rows>(w + n * K, xp + m * K, K, y, ldy);
+      for (int64_t end = std::min(n + FLOAT_OUTPUTS, N); n < end; ++n, ++y)
+        float_output<1, rows>(w + n * K, xp + m * K, K, y, ldy);
     }, weight);
   };
-  if (weight.scalar_type() == at::kBFloat16) return run(weight.data_ptr<at::BFloat16>());
+  if (dtype == at::kFloat) return run(weight.data_ptr<float>());
+  if (dtype == at::kBFloat16) return run(weight.data_ptr<at::BFloat16>());
   return run(weight.data_ptr<at::Half>());
 }
 
@@ -1734,10 +1745,10 @@ AOTITorchError aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle wei
     *ret0 = handle(q4_linear(tensor(x), tensor(weight), N));
   });
 }
-AOTITorchError aoti_torch_cpu_half_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
+AOTITorchError aoti_torch_cpu_float_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     KeepOutputs keep;
-    *ret0 = handle(half_linear(tensor(x), tensor(weight)));
+    *ret0 = handle(float_linear(tensor(x), tensor(weight)));
   });
 }
 AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, AtenTensorHandle key, AtenTensorHandle value,
@@ -1797,7 +1808,7 @@ int nimblelm_team_run(void* memory, int (*fn)(void*), void* arg) {
 TORCH_LIBRARY(nimblelm, m) {
   m.def("q8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("q4_linear(Tensor x, Tensor weight, int N) -> Tensor");
-  m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("q4_pack(Tensor weight, Tensor scales, Tensor offsets) -> Tensor");
   m.def("few_query_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
@@ -1806,7 +1817,7 @@ TORCH_LIBRARY(nimblelm, m) {
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("q8_linear", q8_linear);
   m.impl("q4_linear", q4_linear);
-  m.impl("half_linear", half_linear);
+  m.impl("float_linear", float_linear);
   m.impl("q4_pack", q4_pack);
   m.impl("few_query_attention", few_query_attention);
   m.impl("argmax", argmax);

@@ -1,11 +1,11 @@
 """The linear layers that loading puts in place of nn.Linear: quantized ones, the int4 storage format, and
-float16 / bfloat16 ones for CPUs without instructions for those.
+float ones for the CPU's few-row products.
 
 - Int8Linear: symmetric int8, one scale per output channel: w = q * scale, q in [-127, 127].
 - Int4Linear: asymmetric int4, one scale and zero point per group of `groupsize` inputs:
   w = (q - 8) * scale + zero, q in [0, 15], stored two to a byte (even input index in the low nibble).
-- HalfLinear: nn.Linear, with bfloat16 or float16 weights on a CPU that has no products for them (AVX2):
-  our own product up to HALF_KERNEL_ROWS rows, float32's for more.
+- FloatLinear: nn.Linear on the CPU, with float32 weights, or bfloat16 or float16 ones where the CPU has no
+  products for them (AVX2): our own product up to FLOAT_KERNEL_ROWS rows, float32's for more.
 
 Which kernel runs:
 - On a CPU with AVX2, int8 and int4 alike: our own products of qkernels.cpp, built for the machine at load
@@ -35,7 +35,7 @@ Which kernel runs:
   H200 that int8 product took longer than bfloat16's, as did Inductor's fusion of the conversion into a
   multiply-and-sum (BENCHMARKS.md): int8 saves memory there, not time.
 quantize.py writes the quantized layers' tensors; checkpoint.py builds the layers, loads them and calls
-prepare(), which also makes float layers HalfLinear where it runs them.
+prepare(), which also makes float layers FloatLinear where it runs them.
 """
 import ctypes
 import functools
@@ -59,9 +59,10 @@ INT4_FUSED_MAX_ROWS = 128
 # instructions of their own, ours run up to these many rows and PyTorch's take longer prompts. Without
 # them, PyTorch's were 5x (bfloat16) to 25x (int8) slower than ours for a 512-row prompt, and ours run all.
 KERNEL_MAX_ROWS = 8
-# HalfLinear's kernel reads the weight once for all rows, but its float32 multiply-adds grow with every row:
-# near 64 rows converting the weight and PyTorch's float32 product took as long (BENCHMARKS.md), at 32 twice.
-HALF_KERNEL_ROWS = 32
+# FloatLinear's kernel reads the weight once for all rows, but its float32 multiply-adds grow with every row:
+# near 64 rows converting a bfloat16 weight and PyTorch's float32 product took as long (BENCHMARKS.md), at 32
+# twice; for a float32 weight, at 32 rows ours took 0.87x PyTorch's time.
+FLOAT_KERNEL_ROWS = 32
 # The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
 # weights' error.
@@ -355,28 +356,32 @@ def dequantize_int4(packed, scales_and_zeros, groupsize, dtype=torch.float32):
     return w.view(out_features, -1)
 
 
-class HalfLinear(nn.Linear):
-    """nn.Linear with bfloat16 or float16 weights on a CPU that has no instructions for their products
-    (prepare() puts it in place of nn.Linear there: see runs()). PyTorch's products then convert as they
-    go and run at the same few GFLOP/s at any number of rows (BENCHMARKS.md): well below the memory's
-    speed for a decode step, and a sixth of float32's for a prompt. Up to HALF_KERNEL_ROWS rows,
-    qkernels.cpp's half_linear converts the weight in registers, reading it once for all rows; more rows
-    (a prompt), or a layer cast to float32 since, multiply in float32, the weight converted once per
-    product. Both sum in float32, as PyTorch's do, and the output is rounded to the input's dtype."""
+class FloatLinear(nn.Linear):
+    """nn.Linear on the CPU whose products of a few rows (a decode step, a batch, a verify step) run
+    qkernels.cpp's float_linear, which reads the weight once for all rows and splits it among the threads:
+    for float32 weights, and for bfloat16 or float16 ones on a CPU without instructions for their products
+    (prepare() puts it in place of nn.Linear there: see runs()). PyTorch's float32 products of such rows
+    ran on one core, at about half the memory's speed for one row and a fifth for 2 to 8, and those of
+    bfloat16 or float16 weights without instructions at the same few GFLOP/s at any number of rows, a sixth
+    of float32's for a prompt (BENCHMARKS.md). More rows than FLOAT_KERNEL_ROWS (a prompt), or a layer cast
+    to another dtype since, multiply in float32, the weight converted once per product. Both sum in float32,
+    as PyTorch's do, and the output is rounded to the input's dtype."""
 
-    # the CPU flag that gives each dtype products of its own (measured without them: AVX2 only)
+    # the CPU flag that gives each half dtype products of its own (measured without them: AVX2 only)
     NEEDS = {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what float_linear takes
 
     @classmethod
     def runs(cls, weight: torch.Tensor) -> bool:
-        """Whether this layer should run a weight: on the CPU, of a dtype the CPU has no products for."""
-        needs = cls.NEEDS.get(weight.dtype)
-        return (weight.device.type == "cpu" and needs is not None and needs not in cpu_features()
-                and bool(cpu_kernels()))
+        """Whether this layer should run a weight: on the CPU, float32, or of a dtype the CPU has no products
+        for."""
+        if weight.device.type != "cpu" or weight.dtype not in cls.DTYPES or not cpu_kernels():
+            return False
+        return weight.dtype == torch.float32 or cls.NEEDS[weight.dtype] not in cpu_features()
 
     def forward(self, x):
-        if x[..., 0].numel() <= HALF_KERNEL_ROWS and self.weight.dtype in self.NEEDS:
-            y = cpu_kernel(torch.ops.nimblelm.half_linear, x, self.weight)
+        if x[..., 0].numel() <= FLOAT_KERNEL_ROWS and self.weight.dtype in self.DTYPES:
+            y = cpu_kernel(torch.ops.nimblelm.float_linear, x, self.weight)
         else:
             y = F.linear(x.float(), self.weight.float()).to(x.dtype)
         return y + self.bias if self.bias is not None else y
@@ -420,7 +425,7 @@ def cast_floats(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 @functools.cache
 def cpu_kernels() -> float:
     """Build qkernels.cpp (kernel_library) and register its ops as torch.ops.nimblelm (q8_linear, q4_linear,
-    half_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass; argmax, for
+    float_linear; q4_pack; few_query_attention, for decode.few_query_attention_pass; argmax, for
     sampling.argmax), once a process; return up to how many rows the products should run (KERNEL_MAX_ROWS,
     or all). 0 where it cannot be built: the layers then use PyTorch's kernels."""
     if not kernel_library():
@@ -434,7 +439,7 @@ def cpu_kernels() -> float:
     def _(x, weight, n):
         return x.new_empty(x.shape[0], n)
 
-    @torch.library.register_fake("nimblelm::half_linear")
+    @torch.library.register_fake("nimblelm::float_linear")
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -535,8 +540,8 @@ C_SHIMS = {
                  "AtenTensorHandle scales, AtenTensorHandle* ret0)",
     "q4_linear": "AOTITorchError aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle weight, int64_t N, "
                  "AtenTensorHandle* ret0)",
-    "half_linear": "AOTITorchError aoti_torch_cpu_half_linear(AtenTensorHandle x, AtenTensorHandle weight, "
-                   "AtenTensorHandle* ret0)",
+    "float_linear": "AOTITorchError aoti_torch_cpu_float_linear(AtenTensorHandle x, AtenTensorHandle weight, "
+                    "AtenTensorHandle* ret0)",
     "few_query_attention": "AOTITorchError aoti_torch_cpu_few_query_attention(AtenTensorHandle query, "
                            "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle* attn_mask, double scale, "
                            "AtenTensorHandle* ret0)",
@@ -571,9 +576,9 @@ def cpu_vendor() -> str:
 def prepare(model: nn.Module):
     """Give every quantized layer what its kernels need on the device its weights are on: which rows our
     CPU kernels run, int4's scales for them and repacked weights for PyTorch's, int8's weight sums; and
-    make float linear layers HalfLinear where it runs their weights (a change of class: same tensors)."""
+    make float linear layers FloatLinear where it runs their weights (a change of class: same tensors)."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
-        elif type(m) is nn.Linear and HalfLinear.runs(m.weight):
-            m.__class__ = HalfLinear
+        elif type(m) is nn.Linear and FloatLinear.runs(m.weight):
+            m.__class__ = FloatLinear

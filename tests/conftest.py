@@ -1,4 +1,5 @@
 """Shared helpers: tiny random Hugging Face models of each supported family, converted to our format."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,21 @@ def fixture(name):
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (it lives in the project's shared fixtures)")
     return path
+
+
+@contextlib.contextmanager
+def plain_linears(model):
+    """The model's float layers as plain nn.Linear for a while, which PyTorch's products run: what they are
+    where qkernels.cpp cannot run their weights (no compiler; bfloat16 on a CPU with products for it)."""
+    import qlinear
+    layers = [m for m in model.modules() if type(m) is qlinear.FloatLinear]
+    for m in layers:
+        m.__class__ = torch.nn.Linear
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.__class__ = qlinear.FloatLinear
 
 
 def run_python(*args, timeout=600, input=None, env=None):

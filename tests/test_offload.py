@@ -71,7 +71,7 @@ def three_passes(model, tokens):
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-# float16: the bfloat16 file's layers copied into buffers, which run qlinear.HalfLinear on a CPU without float16
+# float16: the bfloat16 file's layers copied into buffers, which run qlinear.FloatLinear on a CPU without float16
 # products, as the resident ones do
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_streamed_layers_compute_exactly_what_resident_ones_do(checkpoints, mode, dtype):

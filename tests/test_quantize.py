@@ -189,7 +189,7 @@ def test_cpu_kernels_equal_on_any_number_of_threads(rows):
     int4.weight, int4.scales_and_zeros = Q.quantize_int4(w, 32)
     half = nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
     half.weight.data.copy_(w)
-    half.__class__ = qlinear.HalfLinear
+    half.__class__ = qlinear.FloatLinear
     for layer in (int8, int4):
         layer.prepare()
     threads, team = torch.get_num_threads(), qlinear.KernelTeam()
@@ -225,10 +225,11 @@ def test_kernel_team_passes_on_errors_and_nests():
     assert team.run(lambda a, b: a + b, 2, 3) == 5
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_linear_against_float64_arithmetic(dtype):
-    """HalfLinear (bfloat16 and float16 weights where the CPU has no products for them) equals float64
-    arithmetic on its weights and input, to the output's rounding (once for the product, once for the bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_linear_against_float64_arithmetic(dtype):
+    """FloatLinear (float32 weights, and bfloat16 and float16 ones where the CPU has no products for them)
+    equals float64 arithmetic on its weights and input, to the output's rounding (once for the product, once
+    for the bias) and the float32 sums' (at most K roundings of the sum of the terms' magnitudes):
     one row, 2, 7 (a pass over six rows, then one; with AVX-512, seven at once), 11 (six, then five; eight,
     then three), and more rows than its kernel runs (float32's product); an odd number of outputs (the
     kernel takes two at a time); K of 8- or 16-input chunks and a tail. qlinear.prepare makes an nn.Linear
@@ -239,18 +240,20 @@ def test_half_linear_against_float64_arithmetic(dtype):
     K, N = 8 * 25 + 5, 75
     model = nn.Sequential(nn.Linear(K, N, bias=True, dtype=dtype))
     qlinear.prepare(model)
-    assert isinstance(model[0], qlinear.HalfLinear) == qlinear.HalfLinear.runs(model[0].weight)
+    assert isinstance(model[0], qlinear.FloatLinear) == qlinear.FloatLinear.runs(model[0].weight)
+    assert qlinear.FloatLinear.runs(model[0].weight) or dtype != torch.float32
     layer = model[0]
-    layer.__class__ = qlinear.HalfLinear  # where prepare() would not choose it, still tested
+    layer.__class__ = qlinear.FloatLinear  # where prepare() would not choose it, still tested
     with torch.no_grad():
         layer.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
         layer.bias.copy_(torch.randn(N, generator=g))
-        for rows in (1, 2, 7, 11, qlinear.HALF_KERNEL_ROWS + 3):
+        for rows in (1, 2, 7, 11, qlinear.FLOAT_KERNEL_ROWS + 3):
             x = (torch.randn(1, rows, K, generator=g) * 3).to(dtype)
             y = layer(x)
             assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
             product = x.double() @ layer.weight.double().t()
-            bound = torch.finfo(dtype).eps / 2 * (2 * product.abs() + layer.bias.double().abs()) + 1e-6
+            sums = K * torch.finfo(torch.float32).eps * (x.double().abs() @ layer.weight.double().abs().t())
+            bound = torch.finfo(dtype).eps / 2 * (2 * product.abs() + layer.bias.double().abs()) + sums + 1e-6
             assert ((y.double() - product - layer.bias.double()).abs() <= bound).all(), rows
 
 
