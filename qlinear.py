@@ -380,6 +380,8 @@ class FloatLinear(nn.Linear):
         return weight.dtype == torch.float32 or cls.NEEDS[weight.dtype] not in cpu_features()
 
     def forward(self, x):
+        if self.weight.device.type != "cpu":  # moved since prepare(): nn.Linear's own product there
+            return super().forward(x)
         if x[..., 0].numel() <= FLOAT_KERNEL_ROWS and self.weight.dtype in self.DTYPES:
             y = cpu_kernel(torch.ops.nimblelm.float_linear, x, self.weight)
         else:
