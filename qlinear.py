@@ -61,7 +61,7 @@ INT4_FUSED_MAX_ROWS = 128
 KERNEL_MAX_ROWS = 8
 # FloatLinear's kernel reads the weight once for all rows, but its float32 multiply-adds grow with every row:
 # near 64 rows converting a bfloat16 weight and PyTorch's float32 product took as long (BENCHMARKS.md), at 32
-# twice; for a float32 weight, at 32 rows ours took 0.87x PyTorch's time.
+# twice; for a float32 weight, at 32 rows ours took 0.74-0.87x PyTorch's time.
 FLOAT_KERNEL_ROWS = 32
 # The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized

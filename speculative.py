@@ -54,10 +54,10 @@ class SpeculativeSteps(Steps):
 
     On the CPU the verify step of a float target freezes its weights (frozen_settings: its products have
     several rows, which oneDNN multiplies by weights packed once instead of reordering them on every
-    call), holding a packed copy of them; one whose layers are qlinear.FloatLinear (float32, or a CPU without
-    bfloat16 instructions) runs qkernels.cpp's products over the weights as stored. A quantized draft model given
-    as `draft` runs qkernels.cpp's products, or where they cannot be built, freezes its weights for
-    Inductor's own kernels. Steps that do not freeze are decode.ExportedSteps there (Steps.compiled_for)."""
+    call), holding a packed copy of them; one whose layers are qlinear.FloatLinear (float32, or a CPU
+    without bfloat16 instructions) runs qkernels.cpp's products over the weights as stored. A quantized
+    draft model given as `draft` runs qkernels.cpp's products, or where they cannot be built, freezes its
+    weights for Inductor's own kernels. Steps that do not freeze are decode.ExportedSteps there (Steps.compiled_for)."""
 
     def __init__(self, model, compile: bool = False, draft=None):
         super().__init__(model, compile=compile)
