@@ -60,8 +60,8 @@ INT4_FUSED_MAX_ROWS = 128
 # them, PyTorch's were 5x (bfloat16) to 25x (int8) slower than ours for a 512-row prompt, and ours run all.
 KERNEL_MAX_ROWS = 8
 # FloatLinear's kernel reads the weight once for all rows, but its float32 multiply-adds grow with every row:
-# near 64 rows converting a bfloat16 weight and PyTorch's float32 product took as long (BENCHMARKS.md), at 32
-# twice; for a float32 weight, at 32 rows ours took 0.74-0.87x PyTorch's time.
+# near 64 rows it and PyTorch's float32 product took as long, for bfloat16 weights (converted) and float32
+# ones alike; at 32 rows, PyTorch's took twice as long for bfloat16, 1.15-1.35x for float32 (BENCHMARKS.md).
 FLOAT_KERNEL_ROWS = 32
 # The fused weight-only CPU kernels are far slower in float32 than in bfloat16, so they run in bfloat16
 # whatever the model's dtype; the rounding of the layer's input and output is well below the quantized
