@@ -43,6 +43,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -472,6 +473,11 @@ def kernel_library() -> Optional[ctypes.CDLL]:
              f"-DPREFETCH_FARTHER_BYTES={farther}"]
     name = "nimblelm_qkernels_" + hashlib.sha256(" ".join(sorted(features) + flags).encode()).hexdigest()[:16]
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
+    # a build (once a machine and version) takes about half a minute, silent; a load of the kept one, a moment
+    building = threading.Timer(3.0, print, ["nimblelm: building qkernels.cpp for this CPU (once: it is kept)"],
+                               {"file": sys.stderr, "flush": True})
+    building.daemon = True
+    building.start()
     try:
         from torch.utils import cpp_extension
         path = cpp_extension.load(name, [source], extra_cflags=flags, is_python_module=False)
@@ -482,6 +488,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         print(f"nimblelm: qkernels.cpp could not be built ({reason}); the linear layers use PyTorch's kernels",
               file=sys.stderr)
         return None
+    finally:
+        building.cancel()
     # the team's entry points (KernelTeam)
     library.nimblelm_team_new.restype = ctypes.c_void_p
     library.nimblelm_q8_packs_weights.restype = ctypes.c_int
