@@ -583,13 +583,13 @@ void q8_outputs16(const int8_t* w, const float* scale, const int8_t* q, const fl
 // O outputs for R rows of a float32, bfloat16 or float16 weight: each 8 weights, converted to float32 in
 // registers, multiply-add with every row's 8 inputs. (Where the CPU has no bfloat16 instructions, PyTorch's
 // products of such weights run at the same few GFLOP/s whatever the rows; its float32 products of a decode
-// step's few rows ran on one core whatever its threads, at about half the memory's speed for one row and a
+// step's few rows gained little from a second thread, at about half the memory's speed for one row and a
 // fifth for 2 to 8: BENCHMARKS.md.) A multiply-add waits on the one before into the same sums for several
 // cycles, so a pass keeps at least about eight sets of sums going: one row two per output, two rows two per
-// output and row, more rows one per output and row. Several rows take two
-// outputs at a time (each row's inputs loaded once for both), whose sums fill twelve of the sixteen vector
-// registers at six rows. Measured on an AVX2 machine (BENCHMARKS.md): a decode step's products took
-// 15-29% less time at 2 to 8 rows than one output at a time, and one row as long.
+// output and row, more rows one per output and row. Several rows take two outputs at a time (each row's
+// inputs loaded once for both), whose sums fill twelve of the sixteen vector registers at six rows. Measured
+// on an AVX2 machine (BENCHMARKS.md): a decode step's products took 15-29% less time at 2 to 8 rows than one
+// output at a time, and one row as long.
 
 constexpr int FLOAT_MAX_ROWS = 6, FLOAT_OUTPUTS = 2;
 
