@@ -364,9 +364,10 @@ class FloatLinear(nn.Linear):
     (prepare() puts it in place of nn.Linear there: see runs()). PyTorch's float32 products of such rows
     gained little from a second thread, at about half the memory's speed for one row and a fifth for 2 to
     8, and those of bfloat16 or float16 weights without instructions ran at the same few GFLOP/s at any
-    number of rows, a sixth of float32's for a prompt (BENCHMARKS.md). More rows than FLOAT_KERNEL_ROWS (a prompt), or a weight cast
-    since to a dtype the kernel does not take, multiply in float32, the weight converted once per product.
-    Both sum in float32, as PyTorch's do, and the output is rounded to the input's dtype."""
+    number of rows, a sixth of float32's for a prompt (BENCHMARKS.md). More rows than FLOAT_KERNEL_ROWS (a
+    prompt), or a weight cast since to a dtype the kernel does not take, multiply in float32, the weight
+    converted once per product. Both sum in float32, as PyTorch's do, and the output is rounded to the
+    input's dtype."""
 
     # the CPU flag that gives each half dtype products of its own (measured without them: AVX2 only)
     NEEDS = {torch.bfloat16: "avx512_bf16", torch.float16: "avx512_fp16"}
