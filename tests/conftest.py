@@ -1,5 +1,4 @@
 """Shared helpers: tiny random Hugging Face models of each supported family, converted to our format."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -21,19 +20,14 @@ def fixture(name):
     return path
 
 
-@contextlib.contextmanager
-def plain_linears(model):
-    """The model's float layers as plain nn.Linear for a while, which PyTorch's products run: what they are
-    where qkernels.cpp cannot run their weights (no compiler; bfloat16 on a CPU with products for it)."""
+def plain_linears(model, monkeypatch):
+    """The model's float layers made plain nn.Linear until the test ends (monkeypatch puts them back), which
+    PyTorch's products run: what they are where qkernels.cpp cannot run their weights (no compiler; bfloat16
+    on a CPU with products for it)."""
     import qlinear
-    layers = [m for m in model.modules() if type(m) is qlinear.FloatLinear]
-    for m in layers:
-        m.__class__ = torch.nn.Linear
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.__class__ = qlinear.FloatLinear
+    for m in model.modules():
+        if type(m) is qlinear.FloatLinear:
+            monkeypatch.setattr(m, "__class__", torch.nn.Linear)
 
 
 def run_python(*args, timeout=600, input=None, env=None):

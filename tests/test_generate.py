@@ -1,5 +1,4 @@
 """generate.py: the decode loop against Hugging Face, batching, sampling, stopping, streaming, the CLI."""
-import contextlib
 import gc
 import json
 import weakref
@@ -181,15 +180,12 @@ def test_streamed_text_equals_whole_decode(request, name):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch):
+def test_compiled_decode_equals_eager_and_compiles_once(tiny, batch, monkeypatch):
     """Batch 1 compiles the plain step; batch 2 (prompts of two lengths), whose float layers are plain
     nn.Linear here (as where qkernels.cpp cannot run them), freezes the weights into it."""
     _, model, _ = tiny
-    with plain_linears(model) if batch > 1 else contextlib.nullcontext():
-        compiled_decode_equals_eager_and_compiles_once(model, batch)
-
-
-def compiled_decode_equals_eager_and_compiles_once(model, batch):
+    if batch > 1:
+        plain_linears(model, monkeypatch)
     model.setup_caches(max_batch_size=batch, max_seq_length=2 * G.KV_BLOCK)
     # the texts cross into the second block, the cache's last
     prompt = list(range(1, G.KV_BLOCK - 4)) if batch == 1 else [list(range(1, G.KV_BLOCK - 4)), list(range(7, 40))]

@@ -145,19 +145,15 @@ def test_command_line_reports_acceptance(target_and_draft):
 
 
 def test_compiled_verify_step_freezes_and_an_int4_draft_keeps_the_targets_tokens(target_and_draft, tmp_path,
-                                                                                 capfd):
+                                                                                 capfd, monkeypatch):
     """Compiled on the CPU, the verify step (k + 1 rows) freezes the float target's weights where PyTorch's
     products run them (its layers plain nn.Linear here, as where qkernels.cpp cannot run them), and the
     draft's step, the target's int4 copy, runs qkernels.cpp's products (or, where they cannot be built,
     freezes and autotunes PyTorch's): each a graph of its own, and the tokens are still exactly the
     target's."""
-    target, _, (target_dir, _) = target_and_draft
-    with plain_linears(target):
-        verify_step_freezes_and_an_int4_draft_keeps_the_targets_tokens(target, target_dir, tmp_path, capfd)
-
-
-def verify_step_freezes_and_an_int4_draft_keeps_the_targets_tokens(target, target_dir, tmp_path, capfd):
     from quantize import quantize_checkpoint
+    target, _, (target_dir, _) = target_and_draft
+    plain_linears(target, monkeypatch)
     quantize_checkpoint(str(target_dir), str(tmp_path / "int4"), "int4", groupsize=32)
     draft = load_model(str(tmp_path / "int4"))
     draft.setup_caches(1, 160)
