@@ -40,6 +40,7 @@ import torch
 
 from checkpoint import (DEFAULT_NAME, HugePages, build_on_meta, default_checkpoint, default_checkpoint_dir,
                         default_gguf, load_model, load_tokenizer, read_config, weight_bytes_per_token)
+from decode import write_whole
 from errors import ArgumentParser, UsageError, run_command
 from model import ModelArgs, Transformer
 
@@ -103,6 +104,14 @@ def measure_read_bandwidth(device: torch.device) -> float:
     return n * 4 / best / 1e9
 
 
+def write_json(path: str, results: dict):
+    """The benchmarks' results file, written whole or not at all."""
+    def dump(tmp: str):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+    write_whole(path, dump)
+
+
 def weight_bytes(checkpoint: str, dtype: torch.dtype) -> int:
     """Bytes a batch-1 decode step reads, computed as generate.py does, without loading the weights."""
     model = build_on_meta(*read_config(checkpoint))
@@ -158,9 +167,10 @@ def default_model_ggufs() -> dict:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
             params.allow_requantize, params.nthread = True, torch.get_num_threads()
-            if llama_cpp.llama_model_quantize(source.encode(), (paths[name] + ".tmp").encode(), ctypes.byref(params)):
-                raise RuntimeError(f"llama.cpp could not write {paths[name]}")
-            os.replace(paths[name] + ".tmp", paths[name])
+            def quantized(tmp: str):
+                if llama_cpp.llama_model_quantize(source.encode(), tmp.encode(), ctypes.byref(params)):
+                    raise RuntimeError(f"llama.cpp could not write {paths[name]}")
+            write_whole(paths[name], quantized)
     return paths
 
 
@@ -334,11 +344,9 @@ def main(argv=None):
         rows.append(row)
     print_table(rows, a.repeat > 1)
     ratios = print_ratios(rows)
-    with open(a.json + ".tmp", "w") as f:  # then renamed: never a half-written results file
-        json.dump({"device": name, "read_bandwidth_gb_s": bandwidth, "checkpoints": a.shape or checkpoints,
-                   "max_new_tokens": a.max_new_tokens, "prefill_tokens": a.prefill_tokens, "repeat": a.repeat,
-                   "rows": rows, "ratios": ratios}, f, indent=2)
-    os.replace(a.json + ".tmp", a.json)
+    write_json(a.json, {"device": name, "read_bandwidth_gb_s": bandwidth, "checkpoints": a.shape or checkpoints,
+                        "max_new_tokens": a.max_new_tokens, "prefill_tokens": a.prefill_tokens, "repeat": a.repeat,
+                        "rows": rows, "ratios": ratios})
     print(f"results written to {a.json}")
     if a.plot:
         plot(rows, bandwidth, name, a.plot)

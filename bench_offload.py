@@ -17,7 +17,6 @@ page cache when the machine has room for it: on the CPU these are the speeds of 
 On a GPU the peak memory of each run is printed beside its estimate, non-layer weights plus resident and
 buffered layers plus the KV cache.
 """
-import json
 import mmap
 import os
 import tempfile
@@ -25,7 +24,7 @@ import time
 
 import torch
 
-from bench import SHAPES, measure_read_bandwidth, write_random_checkpoint
+from bench import SHAPES, measure_read_bandwidth, write_json, write_random_checkpoint
 from checkpoint import load_model, pick_device, pick_dtype, read_config
 from decode import Steps, generate, synchronize
 from errors import ArgumentParser, UsageError, run_command
@@ -173,12 +172,10 @@ def main(argv=None):
               f"{r.get('vs_resident', 1):>10.2f} {r.get('of_bound', 1):>8.2f}"
               + (f"  peak {r['peak_device_gb']:.2f} GB (estimate {r['estimated_device_gb']:.2f})"
                  if streamed and r["peak_device_gb"] is not None else ""))
-    with open(a.json + ".tmp", "w") as f:  # then renamed: never a half-written results file
-        json.dump({"device": name, "dtype": str(dtype), "checkpoint": a.checkpoint or a.shape or "random 1.1 GB",
-                   "layer_bytes": layer_bytes, "n_layers": n_layers, "max_resident_gb": budget,
-                   "read_bandwidth_gb_s": memory_bw, "copy_bandwidth_gb_s": copy_bw,
-                   "rounds": a.rounds, "max_new_tokens": a.max_new_tokens, "rows": rows}, f, indent=2)
-    os.replace(a.json + ".tmp", a.json)
+    write_json(a.json, {"device": name, "dtype": str(dtype), "checkpoint": a.checkpoint or a.shape or "random 1.1 GB",
+                        "layer_bytes": layer_bytes, "n_layers": n_layers, "max_resident_gb": budget,
+                        "read_bandwidth_gb_s": memory_bw, "copy_bandwidth_gb_s": copy_bw,
+                        "rounds": a.rounds, "max_new_tokens": a.max_new_tokens, "rows": rows})
     print(f"results written to {a.json}")
     return 0
 

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from bench import write_json
 from checkpoint import default_checkpoint, load_model, load_tokenizer, peak_memory_gb, read_config
 from decode import Steps, generate
 from engine import Engine
@@ -220,9 +221,7 @@ def main_http(a) -> int:
         print(f"concurrency {c:>3}: {x['output_tok_s']:7.1f} tok/s, ttft p50 {x['ttft_p50_s']:.2f} s p99 "
               f"{x['ttft_p99_s']:.2f} s, tpot p50 {1e3 * x['tpot_p50_s']:.1f} ms p99 {1e3 * x['tpot_p99_s']:.1f} ms, "
               f"{x['failed']} failed", flush=True)
-    with open(a.json + ".tmp", "w") as f:
-        json.dump({"url": a.url, "model": a.model, "rows": rows}, f, indent=2)
-    os.replace(a.json + ".tmp", a.json)
+    write_json(a.json, {"url": a.url, "model": a.model, "rows": rows})
     print(f"results written to {a.json}")
     return 0
 
@@ -282,10 +281,8 @@ def main(argv=None):
         print(f"{x['mode']:<15}{x['output_tok_s']:>9.1f}{x['output_tok_s'] / base:>8.2f}x{x['requests_s']:>8.2f}"
               f"{x['ttft_p50_s']:>9.2f}s{x['ttft_p99_s']:>9.2f}s{1e3 * x['tpot_p50_s']:>8.1f}ms"
               f"{1e3 * x['tpot_p99_s']:>8.1f}ms{x['peak_memory_gb']:>9.2f}{share:>9}")
-    with open(a.json + ".tmp", "w") as f:
-        json.dump({"checkpoint": a.checkpoint, "requests": a.requests, "dtype": a.dtype, "compiled": a.compile,
-                   "max_num_seqs": a.max_num_seqs, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
-    os.replace(a.json + ".tmp", a.json)
+    write_json(a.json, {"checkpoint": a.checkpoint, "requests": a.requests, "dtype": a.dtype, "compiled": a.compile,
+                        "max_num_seqs": a.max_num_seqs, "threads": torch.get_num_threads(), "rows": rows})
     print(f"results written to {a.json}")
     return 0
 

@@ -12,14 +12,13 @@ excluded), as generate.py reports decode speed. Ratios are taken within a round,
 apart, and summarised by their median: between rounds this machine's speed drifts by more than the
 difference being measured. The compiled steps are built before the first round.
 """
-import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
+from bench import write_json
 from checkpoint import default_checkpoint, load_model, load_tokenizer, pick_device
 from decode import generate
 from errors import ArgumentParser, UsageError, run_command
@@ -117,11 +116,9 @@ def main(argv=None):
               f"{', '.join(f'{x:.2f}' for x in row['ratios'])}), acceptance {row['acceptance']:.3f}, "
               f"the first {row['same_tokens_as_plain']} tokens as plain decoding's")
     if a.json:
-        with open(a.json + ".tmp", "w") as f:
-            json.dump({"checkpoint": checkpoint, "draft": a.draft_checkpoint or a.draft, "dtype": a.dtype,
-                       "compiled": not a.no_compile, "max_new_tokens": a.max_new_tokens,
-                       "results": {str(m): v for m, v in results.items()}}, f, indent=1)
-        os.replace(a.json + ".tmp", a.json)
+        write_json(a.json, {"checkpoint": checkpoint, "draft": a.draft_checkpoint or a.draft, "dtype": a.dtype,
+                            "compiled": not a.no_compile, "max_new_tokens": a.max_new_tokens,
+                            "results": {str(m): v for m, v in results.items()}})
         print(f"written to {a.json}")
     return 0
 

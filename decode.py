@@ -489,11 +489,13 @@ def write_whole(path: str, write):
     """The file at path written whole or not at all: write(name) writes a temporary file beside it (of the
     same extension), which is then renamed."""
     import tempfile
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="tmp-", suffix=os.path.splitext(path)[1])
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the file it becomes is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
