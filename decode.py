@@ -76,7 +76,7 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
 
     The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
     few queries becomes qkernels.cpp's or Inductor's own loops (few_query_attention_pass;
-    loop_attention=False keeps PyTorch's kernel); the wrapper, the code that calls a step's kernels and
+    loop_attention=False leaves Inductor's loops out: qkernels.cpp's, else PyTorch's kernel); the wrapper, the code that calls a step's kernels and
     products one after another, is C++ (cpp_wrapper), not Python, as a hundred and more calls a step
     each cost less from C++ (its first compilation takes longer, C++ to build; Inductor's cache keeps it
     for later processes, though never a frozen step, whichever the wrapper: frozen_settings); and
@@ -88,8 +88,8 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
     options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False, "cpp_wrapper": True}
-    if loop_attention:
-        options["pre_grad_custom_pass"] = few_query_attention_pass()
+    if loop_attention or cpu_kernels():
+        options["pre_grad_custom_pass"] = few_query_attention_pass(loop_attention)
     return options
 
 
@@ -112,7 +112,7 @@ def few_query_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     return (weights.unsqueeze(-1) * value.float().unsqueeze(-3)).sum(-2).to(query.dtype)  # (B, H, S, D)
 
 
-def few_query_attention_pass():
+def few_query_attention_pass(loops: bool = True):
     """An Inductor pass over the traced step (a CustomGraphPass) that swaps scaled_dot_product_attention
     for few_query_attention where the queries are few: a decode step's.
 
@@ -120,12 +120,14 @@ def few_query_attention_pass():
     to do, and a decode step calls it once per layer over a handful of query rows. Where qkernels.cpp is
     built (qlinear.cpu_kernels), its few_query_attention takes the call: its sums are vectorised by hand,
     and a step with it took up to a tenth less time than with Inductor's loops below, more the longer
-    the attended part of the cache (on an AVX2 machine; not measured with AVX-512: BENCHMARKS.md).
-    Elsewhere the same attention written as sums becomes Inductor's loops, fused with the RoPE and cache
-    update before it, with no call out of the compiled code. Prompts (many queries, or a symbolic number) keep the
-    kernel. The pass has a uuid (this file's and qkernels.cpp's hash, and whether that is built), so
-    Inductor's caches tell its graphs from those compiled without it or with the other attention. (Made
-    here, not at import: importing Inductor takes a second that eager decoding need not pay.)"""
+    the attended part of the cache (on an AVX2 machine; not measured with AVX-512: BENCHMARKS.md); the
+    serving engine's paged steps of 8 rows about an eighth less than with PyTorch's kernel. Elsewhere the
+    same attention written as sums becomes Inductor's loops, fused with the RoPE and cache update before
+    it, with no call out of the compiled code; or, with loops False, it keeps PyTorch's kernel. Prompts
+    (many queries, or a symbolic number) keep the kernel. The pass has a uuid (this file's and
+    qkernels.cpp's hash, whether that is built, and loops), so Inductor's caches tell its graphs from
+    those compiled without it or with the other attention. (Made here, not at import: importing Inductor
+    takes a second that eager decoding need not pay.)"""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     kernel = torch.ops.nimblelm.few_query_attention.default if cpu_kernels() else None
@@ -154,12 +156,12 @@ def few_query_attention_pass():
                     node.args = (args["query"], args["key"], args["value"], args.get("attn_mask"),
                                  q.shape[-1] ** -0.5 if scale is None else scale)
                     node.kwargs = {}
-                else:
+                elif loops:
                     node.target = few_query_attention
 
         def uuid(self):
             kernels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkernels.cpp")
-            return get_hash_for_files((__file__, kernels), extra=str(kernel is not None))
+            return get_hash_for_files((__file__, kernels), extra=f"{kernel is not None} {loops}")
 
     return FewQueryAttention()
 
@@ -190,8 +192,8 @@ class Steps:
     def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
         the whole step as one launch, so its many small kernels cost no host time. loop_attention: see
-        inductor_options (for steps over a static KV cache; a paged cache's gathered keys and values
-        would be gathered again for every query row inside the loops).
+        inductor_options (False for a paged cache: its gathered keys and values would be gathered again
+        for every query row inside Inductor's loops).
 
         On the CPU a step is a CompiledStep, which says what it leaves unchecked.
 
