@@ -75,12 +75,12 @@ def inductor_options(device: torch.device, loop_attention: bool = True) -> Optio
     changes nothing for compilations that do not turn the pass on.
 
     The rest trims what a step spends outside its kernels, a large share at batch 1: the attention of a
-    few queries becomes qkernels.cpp's or Inductor's own loops (few_query_attention_pass;
-    loop_attention=False leaves Inductor's loops out: qkernels.cpp's, else PyTorch's kernel); the wrapper, the code that calls a step's kernels and
-    products one after another, is C++ (cpp_wrapper), not Python, as a hundred and more calls a step
-    each cost less from C++ (its first compilation takes longer, C++ to build; Inductor's cache keeps it
-    for later processes, though never a frozen step, whichever the wrapper: frozen_settings); and
-    the wrapper does not re-check the sizes and strides of the graph's inputs and of every kernel's
+    few queries becomes qkernels.cpp's or Inductor's own loops (few_query_attention_pass; with
+    loop_attention False, qkernels.cpp's or PyTorch's kernel); the wrapper, the code that calls a step's
+    kernels and products one after another, is C++ (cpp_wrapper), not Python, as a hundred and more calls
+    a step each cost less from C++ (its first compilation takes longer, C++ to build; Inductor's cache
+    keeps it for later processes, though never a frozen step, whichever the wrapper: frozen_settings);
+    and the wrapper does not re-check the sizes and strides of the graph's inputs and of every kernel's
     output (size_asserts: our graphs are fixed, and Dynamo still checks the inputs that can change).
     """
     if device.type != "cpu":
@@ -516,8 +516,10 @@ def compiled_package(program) -> str:
     the library), from cache_dir() where an earlier process compiled the same graph, else compiled now
     and written there whole (a temporary file renamed) or not at all."""
     from torch._inductor import aoti_compile_and_package
-    options = inductor_options(torch.device("cpu"), loop_attention=False)
-    del options["cpp_wrapper"]  # (a library's code is C++ anyway)
+    options = inductor_options(torch.device("cpu"))
+    # (A library's code is C++ anyway. The graph's attention was swapped as it was exported; the pass, an
+    # object, would also make the settings' repr, and so the library's name, differ in every process.)
+    del options["cpp_wrapper"], options["pre_grad_custom_pass"]
     options["aot_inductor.package_constants_in_so"] = False
     # qkernels.cpp's ops called through their C entry points, not PyTorch's dispatcher (qlinear.C_SHIMS).
     # (Not for torch.compile's steps: Inductor's cache cannot take ops in its settings, and would compile

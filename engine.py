@@ -123,9 +123,9 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         # Decode batches are padded to these sizes: one compiled graph each.
         self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
-        # Attention is qkernels.cpp's where that is built, else PyTorch's kernel: either reads the gathered K/V
-        # once, where Inductor's loops over a few queries (decode.inductor_options) would gather them again
-        # for each query row.
+        # Attention is qkernels.cpp's where that is built, else PyTorch's kernel: either reads the gathered
+        # K/V once, where Inductor's loops over a few queries (decode.inductor_options) would gather them
+        # again for each query row.
         self.decode_fn = Steps(model).compiled(paged_logits, loop_attention=False) if compile else paged_logits
         self.compiled = compile
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
