@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import torch
 
 from errors import UsageError
-from model import Transformer
+from model import PagedKVCache, Transformer
 from qlinear import C_SHIMS, Int4Linear, Int8Linear, KernelTeam, cpu_features, cpu_kernels
 from sampling import SamplingParams, sample
 
@@ -182,11 +182,12 @@ class Steps:
         if compile_prefill:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
-    def compiled_for(self, model: Optional[Transformer], fn, frozen: Optional[dict], **kwargs):
+    def compiled_for(self, model: Optional[Transformer], fn, frozen: Optional[dict], symbolic_dims=(), **kwargs):
         """fn compiled for the calls it gets with this model (of fixed shapes, but for the attended length):
-        an ExportedStep where that suits, else compiled()'s."""
+        an ExportedStep where that suits (symbolic_dims: see there), else compiled()'s (whose callers mark
+        such sizes with torch._dynamo.mark_dynamic)."""
         if model is not None and ExportedStep.suits(model, frozen):
-            return ExportedStep(fn)
+            return ExportedStep(fn, symbolic_dims)
         return self.compiled(fn, frozen=frozen, **kwargs)
 
     def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, **kwargs):
@@ -285,31 +286,34 @@ class ExportedStep:
 
     fn(model, *args): a tensor argument is an input of the shape it had; a DynamicInt (attended_length) a
     symbolic size, passed as the length of a view of a buffer (AOTInductor takes tensors only); anything
-    else (None, the sampling's numbers) is compiled in. Other shapes or values compile another graph, and
-    once setup_caches has replaced the caches every graph is dropped (as CompiledStep does). The
+    else (None, the sampling's numbers) is compiled in. symbolic_dims: (argument, dimension) pairs, the
+    argument counted from the one after the model, of tensors whose size there varies from call to call,
+    compiled symbolic (the paged step's attended length: engine.py). Other shapes or values compile another
+    graph, and once setup_caches has replaced the caches every graph is dropped (as CompiledStep does). The
     libraries are kept on disk (cache_dir()), named by a digest of the exported graph and what it was
     compiled with, so a step is compiled once per machine; and found again by trace_key(), a digest of what
     the export depends on, so that a later process neither traces nor compiles it (the trace took about
     three quarters of a warm compiled run's start, BENCHMARKS.md)."""
 
-    def __init__(self, fn):
-        self.fn, self.runners, self.caches = fn, {}, None
+    def __init__(self, fn, symbolic_dims=()):
+        self.fn, self.symbolic, self.runners, self.caches = fn, dict(symbolic_dims), {}, None
 
     @staticmethod
     def suits(model: Transformer, frozen: Optional[dict]) -> bool:
         """The CPU, where qkernels.cpp is built (the graph takes its attention: few_query_attention_pass) and
         the weights are not frozen (a frozen graph's packed weights are its own); one process (tensor- and
-        pipeline-parallel steps call collectives)."""
+        pipeline-parallel steps call collectives); a static cache of 2 slots or more, or a paged one."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        paged = isinstance(getattr(next(iter(model.layers)).attention, "kv_cache", None), PagedKVCache)
         return (model.dtype_device()[1].type == "cpu" and frozen is None and DynamicInt is not int
-                and model.max_seq_length >= 2 and not distributed and bool(cpu_kernels()))
+                and (model.max_seq_length >= 2 or paged) and not distributed and bool(cpu_kernels()))
 
     def __call__(self, model: Transformer, *args):
         caches = cache_tensors(model)
         if self.caches is None or any(map(operator.is_not, caches, self.caches)):
             self.runners, self.caches = {}, caches
-        key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else DynamicInt if type(a) is DynamicInt
-                    else (type(a), a) for a in args)
+        key = tuple(argument_meta(a, self.symbolic.get(i)) if isinstance(a, torch.Tensor) else DynamicInt
+                    if type(a) is DynamicInt else (type(a), a) for i, a in enumerate(args))
         runner = self.runners.get(key)
         if runner is None:
             runner = self.runners[key] = self.build(model, args)
@@ -322,7 +326,7 @@ class ExportedStep:
         lengths = torch.empty(model.max_seq_length + 1, dtype=torch.uint8)
         kinds = ["size" if type(a) is DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a for a in args]
         module = _StepModule(self.fn, model, kinds)
-        key = trace_key(self.fn, model, args)
+        key = trace_key(self.fn, model, args, self.symbolic)
         index = key and os.path.join(cache_dir(), f"trace-{key}.txt")
         found, loaded = read_index(index) if index else None, None
         if found:
@@ -331,7 +335,7 @@ class ExportedStep:
             except (RuntimeError, AttributeError):  # (a file cut short, say: traced again)
                 pass
         if not loaded:
-            program = self.export(module, model, kinds, args, lengths)
+            program = self.export(module, model, kinds, args, lengths, self.symbolic)
             path = compiled_package(program)
             loaded = load_step(path, module, program.constants)
             if index and all(found_in(module, name, t) for name, t in loaded[1].items()):
@@ -350,14 +354,17 @@ class ExportedStep:
         return loader, out_spec, lengths, KernelTeam() if tokens.numel() == 1 else None, named
 
     @staticmethod
-    def export(module: "_StepModule", model: Transformer, kinds: list, args: tuple, lengths: torch.Tensor):
+    def export(module: "_StepModule", model: Transformer, kinds: list, args: tuple, lengths: torch.Tensor,
+               symbolic: dict):
         """module's call traced by torch.export, its attention given to qkernels.cpp (few_query_attention_pass)."""
         from torch.export import Dim, export
         with torch.inference_mode(False), torch.no_grad():  # (export's example inputs: no inference tensors)
             example = tuple(t.clone() for t in step_inputs(args, lengths))
-            # (an attended length: 2 slots at least, and no more than the cache has)
-            shapes = tuple({0: Dim(f"size{i}", min=3, max=model.max_seq_length + 1)} if k == "size" else None
-                           for i, k in enumerate(k for k in kinds if k in ("size", "tensor")))
+            # (an attended length: 2 slots at least, and no more than the cache has; a symbolic dimension of
+            # a tensor: 2 at least, as sizes 0 and 1 would be specialised)
+            shapes = tuple({0: Dim(f"size{i}", min=3, max=model.max_seq_length + 1)} if k == "size"
+                           else {symbolic[i]: Dim(f"dim{i}", min=2)} if i in symbolic else None
+                           for i, k in enumerate(kinds) if k in ("size", "tensor"))
             program = export(module, example, dynamic_shapes=(shapes,), strict=False)
         few_query_attention_pass()(program.graph)
         program.graph_module.recompile()
@@ -418,13 +425,14 @@ def found_in(module: torch.nn.Module, name: str, t: torch.Tensor) -> bool:
         return False
 
 
-def trace_key(fn, model: torch.nn.Module, args: tuple) -> Optional[str]:
+def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] = None) -> Optional[str]:
     """A digest of what torch.export's trace of fn(model, *args) depends on, so that a later
     process finds the library compiled from it without tracing: this checkout's code (every .py file beside
     this one, and qkernels.cpp), PyTorch's and Python's versions, the CPU's features, the default dtype; the
-    step function; the arguments (a tensor's shape, dtype and strides, a symbolic size as such, other values
-    as they are); and the model: every module's class and attributes (sizes, flags, its config, its hooks'
-    names), and every tensor's name, shape, dtype and strides and which of them are one tensor or share
+    step function; the arguments (a tensor's shape, dtype and strides, or argument_meta's for one with a
+    symbolic dimension, symbolic: argument -> dimension; a symbolic size as such; other values as they are);
+    and the model: every module's class and attributes (sizes, flags, its config, its hooks' names), and
+    every tensor's name, shape, dtype and strides and which of them are one tensor or share
     memory. None for a function that closes over values (which it does not name)."""
     if not isinstance(fn, types.FunctionType) or fn.__closure__:
         return None
@@ -446,7 +454,9 @@ def trace_key(fn, model: torch.nn.Module, args: tuple) -> Optional[str]:
 
     parts = [torch.__version__, sys.version_info[:2], sorted(cpu_features()), torch.get_default_dtype(),
              source_digest(), fn.__module__, fn.__qualname__]
-    parts += [("size",) if type(a) is DynamicInt else plain("", a) for a in args]
+    symbolic = symbolic or {}
+    parts += [("size",) if type(a) is DynamicInt else argument_meta(a, symbolic[i]) if i in symbolic else plain("", a)
+              for i, a in enumerate(args)]
     for name, m in model.named_modules(remove_duplicate=False):
         parts.append((name, type(m).__module__, type(m).__qualname__))
         # (_parameters and _buffers name the tensors by their module's name: theirs, with a dot)
@@ -457,6 +467,13 @@ def trace_key(fn, model: torch.nn.Module, args: tuple) -> Optional[str]:
 
 def tensor_meta(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.stride(), t.device.type, t.requires_grad
+
+
+def argument_meta(t: torch.Tensor, symbolic_dim: Optional[int]) -> tuple:
+    """What an ExportedStep's graph takes as given of a tensor argument: its shape (but for its symbolic
+    dimension), dtype, and whether it is contiguous (its strides, where a size is symbolic)."""
+    shape = tuple(None if d == symbolic_dim else n for d, n in enumerate(t.shape))
+    return shape, t.dtype, t.is_contiguous() if symbolic_dim is not None else t.stride(), t.device.type
 
 
 @functools.cache

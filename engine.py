@@ -123,10 +123,13 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         # Decode batches are padded to these sizes: one compiled graph each.
         self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
-        # Attention is qkernels.cpp's where that is built, else PyTorch's kernel: either reads the gathered
-        # K/V once, where Inductor's loops over a few queries (decode.inductor_options) would gather them
-        # again for each query row.
-        self.decode_fn = Steps(model).compiled(paged_logits, loop_attention=False) if compile else paged_logits
+        # Compiled: on the CPU, where qkernels.cpp is built, a decode.ExportedStep per batch size, its
+        # attended length symbolic (the read slots' second dimension), found on disk by later processes;
+        # else torch.compile's. Attention is qkernels.cpp's where that is built, else PyTorch's kernel:
+        # either reads the gathered K/V once, where Inductor's loops over a few queries
+        # (decode.inductor_options) would gather them again for each query row.
+        self.decode_fn = (Steps(model).compiled_for(model, paged_logits, None, symbolic_dims=[(3, 1)],
+                                                    loop_attention=False) if compile else paged_logits)
         self.compiled = compile
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.seqs, self.streams, self.pending, self.groups = {}, {}, [], {}

@@ -6,9 +6,10 @@ import torch
 from block_manager import BlockManager
 from checkpoint import load_model
 from conftest import FAMILIES, converted_checkpoint
-from decode import generate
+from decode import ExportedStep, generate
 from engine import Engine
 from errors import UsageError
+from qlinear import cpu_kernels
 from sampling import SamplingParams
 from scheduler import Scheduler
 from sequence import Sequence
@@ -88,15 +89,31 @@ def test_quantized_checkpoints_run_unchanged(tiny, tmp_path, mode):
     assert [c.token_ids for c in got] == [alone(ref, p, 20) for p in prompts]
 
 
-def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny):
+def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny, tmp_path, monkeypatch):
+    """One graph per batch size, whatever the attended length: on the CPU with qkernels.cpp built, a library
+    per batch size (decode.ExportedStep), which a later engine finds on disk without tracing."""
+    monkeypatch.setenv("NIMBLELM_HOME", str(tmp_path))
+    traces = []
+    export = ExportedStep.export
+    monkeypatch.setattr(ExportedStep, "export", staticmethod(lambda *a: traces.append(1) or export(*a)))
     engine = Engine(load_model(tiny), max_num_seqs=4, kv_cache_tokens=2048, block_size=16,
                     max_num_batched_tokens=32, compile=True)
     engine.warm_up()  # one graph per batch size
     prompts = random_prompts([7, 150, 30, 90, 12], seed=4)  # texts cross the 128-slot attended lengths
     ref = load_model(tiny)
+    expected = [alone(ref, p, n) for p, n in zip(prompts, (40, 10, 25, 5, 30))]
+    params = [SamplingParams(max_tokens=n) for n in (40, 10, 25, 5, 30)]
     with torch.compiler.set_stance("fail_on_recompile"):
-        got = engine.generate(prompts, [SamplingParams(max_tokens=n) for n in (40, 10, 25, 5, 30)])
-    assert [c.token_ids for c in got] == [alone(ref, p, n) for p, n in zip(prompts, (40, 10, 25, 5, 30))]
+        got = engine.generate(prompts, params)
+    assert [c.token_ids for c in got] == expected
+    if cpu_kernels():
+        assert isinstance(engine.decode_fn, ExportedStep) and len(engine.decode_fn.runners) == len(engine.buckets)
+        assert len(traces) == len(engine.buckets)
+        later = Engine(engine.model, max_num_seqs=4, kv_cache_tokens=2048, block_size=16,
+                       max_num_batched_tokens=32, compile=True)  # a new cache, of the same size
+        later.warm_up()
+        assert len(traces) == len(engine.buckets)
+        assert [c.token_ids for c in later.generate(prompts, params)] == expected
 
 
 def test_per_request_sampling_seeds_stops_and_aborts(tiny):
