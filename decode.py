@@ -312,8 +312,11 @@ class ExportedStep:
         caches = cache_tensors(model)
         if self.caches is None or any(map(operator.is_not, caches, self.caches)):
             self.runners, self.caches = {}, caches
-        key = tuple(argument_meta(a, self.symbolic.get(i)) if isinstance(a, torch.Tensor) else DynamicInt
-                    if type(a) is DynamicInt else (type(a), a) for i, a in enumerate(args))
+        key = [(a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else DynamicInt if type(a) is DynamicInt
+               else (type(a), a) for a in args]
+        for i, dim in self.symbolic.items():  # (their varying size left out)
+            key[i] = argument_meta(args[i], dim)
+        key = tuple(key)
         runner = self.runners.get(key)
         if runner is None:
             runner = self.runners[key] = self.build(model, args)
@@ -469,11 +472,12 @@ def tensor_meta(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.stride(), t.device.type, t.requires_grad
 
 
-def argument_meta(t: torch.Tensor, symbolic_dim: Optional[int]) -> tuple:
-    """What an ExportedStep's graph takes as given of a tensor argument: its shape (but for its symbolic
-    dimension), dtype, and whether it is contiguous (its strides, where a size is symbolic)."""
-    shape = tuple(None if d == symbolic_dim else n for d, n in enumerate(t.shape))
-    return shape, t.dtype, t.is_contiguous() if symbolic_dim is not None else t.stride(), t.device.type
+def argument_meta(t: torch.Tensor, symbolic_dim: int) -> tuple:
+    """What an ExportedStep's graph takes as given of a tensor argument with a symbolic dimension: its shape
+    but for that dimension, its dtype, and whether it is contiguous (its strides follow the size)."""
+    shape = list(t.shape)
+    shape[symbolic_dim] = None
+    return tuple(shape), t.dtype, t.is_contiguous(), t.device.type
 
 
 @functools.cache
