@@ -183,14 +183,15 @@ class Steps:
             self.prefill = self.compiled(self.prefill_fn, dynamic=True)
 
     def compiled_for(self, model: Optional[Transformer], fn, frozen: Optional[dict], symbolic_dims=(), **kwargs):
-        """fn compiled for the calls it gets with this model (of fixed shapes, but for the attended length):
-        an ExportedStep where that suits (symbolic_dims: see there), else compiled()'s (whose callers mark
-        such sizes with torch._dynamo.mark_dynamic)."""
+        """fn compiled for the calls it gets with this model (of fixed shapes, but for the attended length
+        and symbolic_dims: (argument, dimension) pairs, the argument counted from the one after the model, of
+        tensors whose size there varies from call to call): an ExportedStep where that suits, else
+        compiled()'s."""
         if model is not None and ExportedStep.suits(model, frozen):
             return ExportedStep(fn, symbolic_dims)
-        return self.compiled(fn, frozen=frozen, **kwargs)
+        return self.compiled(fn, frozen=frozen, symbolic_dims=symbolic_dims, **kwargs)
 
-    def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, **kwargs):
+    def compiled(self, fn, loop_attention: bool = True, frozen: Optional[dict] = None, symbolic_dims=(), **kwargs):
         """fn compiled whole (no graph breaks) with the device's settings. On CUDA, CUDA graphs replay
         the whole step as one launch, so its many small kernels cost no host time. loop_attention: see
         inductor_options (False for a paged cache: its gathered keys and values would be gathered again
@@ -200,11 +201,25 @@ class Steps:
 
         frozen: Inductor's settings for a step that compiles the model's weights into the graph as
         constants (freezing), from frozen_settings, which says what that buys. The graph then no
-        longer reads the model's weights: changing them after compiling changes nothing."""
+        longer reads the model's weights: changing them after compiling changes nothing.
+
+        symbolic_dims: see compiled_for; each call marks them dynamic, so that the first trace makes them
+        symbolic (one graph for every size) rather than a later call recompiling for another."""
         if self.device.type == "cuda":
-            return torch.compile(own_copy(fn), mode="reduce-overhead", fullgraph=True, **kwargs)
-        options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=model_unguarded)
-        return CompiledStep(fn, options, frozen, **kwargs)
+            step = torch.compile(own_copy(fn), mode="reduce-overhead", fullgraph=True, **kwargs)
+        else:
+            options = dict(inductor_options(self.device, loop_attention) or {}, guard_filter_fn=model_unguarded)
+            step = CompiledStep(fn, options, frozen, **kwargs)
+        return marking(step, symbolic_dims) if symbolic_dims else step
+
+
+def marking(step, symbolic_dims):
+    """step(model, *args), marking each call's symbolic_dims dynamic for torch.compile first."""
+    def call(model, *args):
+        for i, dim in symbolic_dims:
+            torch._dynamo.mark_dynamic(args[i], dim)
+        return step(model, *args)
+    return call
 
 
 def own_copy(fn, globals_: Optional[dict] = None):
@@ -286,9 +301,8 @@ class ExportedStep:
 
     fn(model, *args): a tensor argument is an input of the shape it had; a DynamicInt (attended_length) a
     symbolic size, passed as the length of a view of a buffer (AOTInductor takes tensors only); anything
-    else (None, the sampling's numbers) is compiled in. symbolic_dims: (argument, dimension) pairs, the
-    argument counted from the one after the model, of tensors whose size there varies from call to call,
-    compiled symbolic (the paged step's attended length: engine.py). Other shapes or values compile another
+    else (None, the sampling's numbers) is compiled in. symbolic_dims (Steps.compiled_for) are compiled
+    symbolic too (the paged step's attended length: engine.py). Other shapes or values compile another
     graph, and once setup_caches has replaced the caches every graph is dropped (as CompiledStep does). The
     libraries are kept on disk (cache_dir()), named by a digest of the exported graph and what it was
     compiled with, so a step is compiled once per machine; and found again by trace_key(), a digest of what

@@ -130,7 +130,6 @@ class Engine:
         # (decode.inductor_options) would gather them again for each query row.
         self.decode_fn = (Steps(model).compiled_for(model, paged_logits, None, symbolic_dims=[(3, 1)],
                                                     loop_attention=False) if compile else paged_logits)
-        self.compiled = compile
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.seqs, self.streams, self.pending, self.groups = {}, {}, [], {}
         self.ids = itertools.count()
@@ -402,8 +401,6 @@ class Engine:
         positions = torch.tensor([[p] for p in last] + [[0]] * pad, device=dev)
         write = torch.tensor([self._slots(s, p, p + 1) for s, p in zip(seqs, last)]
                              + [[self.scratch_block * bs]] * pad, device=dev)
-        if self.compiled:
-            torch._dynamo.mark_dynamic(read, 1)  # one graph per batch size, whatever the length
         out = self._forward(self.decode_fn, tokens, positions, write, read)
         return None if out is None else out[:len(seqs)]
 
@@ -463,8 +460,6 @@ class Engine:
             for B in self.buckets:
                 scratch = torch.full((B, 1), self.scratch_block * bs, device=dev)
                 read = scratch.expand(B, KV_BLOCK).contiguous()
-                if self.compiled:
-                    torch._dynamo.mark_dynamic(read, 1)
                 x = (torch.zeros(B, 1, dtype=torch.long, device=dev) if self.layout is None or self.layout.first
                      else torch.zeros(B, 1, self.model.args.dim, dtype=self.model.dtype_device()[0], device=dev))
                 self.decode_fn(self.model, x, torch.zeros(B, 1, dtype=torch.long, device=dev), scratch, read)

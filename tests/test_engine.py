@@ -89,10 +89,14 @@ def test_quantized_checkpoints_run_unchanged(tiny, tmp_path, mode):
     assert [c.token_ids for c in got] == [alone(ref, p, 20) for p in prompts]
 
 
-def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("exported", [True, False])
+def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny, tmp_path, monkeypatch, exported):
     """One graph per batch size, whatever the attended length: on the CPU with qkernels.cpp built, a library
-    per batch size (decode.ExportedStep), which a later engine finds on disk without tracing."""
+    per batch size (decode.ExportedStep), which a later engine finds on disk without tracing; else (and
+    under torchrun, and on CUDA) torch.compile's graphs, the length marked symbolic."""
     monkeypatch.setenv("NIMBLELM_HOME", str(tmp_path))
+    if not exported:
+        monkeypatch.setattr(ExportedStep, "suits", staticmethod(lambda *a: False))
     traces = []
     export = ExportedStep.export
     monkeypatch.setattr(ExportedStep, "export", staticmethod(lambda *a: traces.append(1) or export(*a)))
@@ -106,7 +110,7 @@ def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny, tmp_pa
     with torch.compiler.set_stance("fail_on_recompile"):
         got = engine.generate(prompts, params)
     assert [c.token_ids for c in got] == expected
-    if cpu_kernels():
+    if exported and cpu_kernels():
         assert isinstance(engine.decode_fn, ExportedStep) and len(engine.decode_fn.runners) == len(engine.buckets)
         assert len(traces) == len(engine.buckets)
         later = Engine(engine.model, max_num_seqs=4, kv_cache_tokens=2048, block_size=16,
