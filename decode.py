@@ -291,9 +291,11 @@ class CompiledStep:
 class ExportedStep:
     """A decode step compiled ahead of time for the CPU: torch.export traces it, AOTInductor compiles the
     graph into a shared library, and a call runs that library with no Python of PyTorch's in between (no
-    Dynamo frame, guards or AOTAutograd wrapper). The model's tensors (weights, KV caches, RoPE tables) are
-    the library's constants, given to it once as pointers to the model's own memory, so a call passes
-    only its few inputs, not hundreds; it calls qkernels.cpp's ops directly (qlinear.C_SHIMS); and a step
+    Dynamo frame, guards or AOTAutograd wrapper). The model's tensors (weights, a static KV cache, RoPE
+    tables) are the library's constants, given to it once as pointers to the model's own memory, so a call
+    passes only its few inputs, not hundreds; a paged cache's pools are inputs instead (about 6 us a call
+    for 60 of them), their number of slots symbolic, so that one library serves a pool of any size
+    (serve.py's --kv-cache-tokens). It calls qkernels.cpp's ops directly (qlinear.C_SHIMS); and a step
     of one token runs with a qlinear.KernelTeam, whose threads read the next weights ahead between the
     products. A CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small
     quantized model's step: batch-1 steps took 5-9% less time this way (BENCHMARKS.md). For the steps
@@ -310,7 +312,7 @@ class ExportedStep:
     three quarters of a warm compiled run's start, BENCHMARKS.md)."""
 
     def __init__(self, fn, symbolic_dims=()):
-        self.fn, self.symbolic, self.runners, self.caches = fn, dict(symbolic_dims), {}, None
+        self.fn, self.symbolic, self.runners, self.caches, self.pools = fn, dict(symbolic_dims), {}, None, []
 
     @staticmethod
     def suits(model: Transformer, frozen: Optional[dict]) -> bool:
@@ -318,14 +320,14 @@ class ExportedStep:
         the weights are not frozen (a frozen graph's packed weights are its own); one process (tensor- and
         pipeline-parallel steps call collectives); a static cache of 2 slots or more, or a paged one."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        paged = isinstance(getattr(next(iter(model.layers)).attention, "kv_cache", None), PagedKVCache)
+        paged = bool(paged_caches(model))
         return (model.dtype_device()[1].type == "cpu" and frozen is None and DynamicInt is not int
                 and (model.max_seq_length >= 2 or paged) and not distributed and bool(cpu_kernels()))
 
     def __call__(self, model: Transformer, *args):
         caches = cache_tensors(model)
         if self.caches is None or any(map(operator.is_not, caches, self.caches)):
-            self.runners, self.caches = {}, caches
+            self.runners, self.caches, self.pools = {}, caches, paged_pools(model)
         key = [(a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else DynamicInt if type(a) is DynamicInt
                else (type(a), a) for a in args]
         for i, dim in self.symbolic.items():  # (their varying size left out)
@@ -335,7 +337,7 @@ class ExportedStep:
         if runner is None:
             runner = self.runners[key] = self.build(model, args)
         loader, out_spec, lengths, team, _ = runner  # (_: the tensors whose memory the library reads)
-        inputs = step_inputs(args, lengths)
+        inputs = step_inputs(args, lengths) + self.pools
         outputs = team.run(loader.boxed_run, inputs) if team else loader.boxed_run(inputs)
         return torch.utils._pytree.tree_unflatten(outputs, out_spec)
 
@@ -343,7 +345,7 @@ class ExportedStep:
         lengths = torch.empty(model.max_seq_length + 1, dtype=torch.uint8)
         kinds = ["size" if type(a) is DynamicInt else "tensor" if isinstance(a, torch.Tensor) else a for a in args]
         module = _StepModule(self.fn, model, kinds)
-        key = trace_key(self.fn, model, args, self.symbolic)
+        key = trace_key(self.fn, model, args, self.symbolic, self.pools)
         index = key and os.path.join(cache_dir(), f"trace-{key}.txt")
         found, loaded = read_index(index) if index else None, None
         if found:
@@ -352,7 +354,7 @@ class ExportedStep:
             except (RuntimeError, AttributeError):  # (a file cut short, say: traced again)
                 pass
         if not loaded:
-            program = self.export(module, model, kinds, args, lengths, self.symbolic)
+            program = self.export(module, model, kinds, args, lengths, self.symbolic, self.pools)
             path = compiled_package(program)
             loaded = load_step(path, module, program.constants)
             if index and all(found_in(module, name, t) for name, t in loaded[1].items()):
@@ -372,20 +374,33 @@ class ExportedStep:
 
     @staticmethod
     def export(module: "_StepModule", model: Transformer, kinds: list, args: tuple, lengths: torch.Tensor,
-               symbolic: dict):
+               symbolic: dict, pools: list):
         """module's call traced by torch.export, its attention given to qkernels.cpp (few_query_attention_pass)."""
         from torch.export import Dim, export
         with torch.inference_mode(False), torch.no_grad():  # (export's example inputs: no inference tensors)
-            example = tuple(t.clone() for t in step_inputs(args, lengths))
+            # (the pools: new tensors, as the module's own are lifted beside them; left unwritten, so the
+            # memory is not touched)
+            example = tuple(t.clone() for t in step_inputs(args, lengths)) + tuple(map(torch.empty_like, pools))
             # (an attended length: 2 slots at least, and no more than the cache has; a symbolic dimension of
-            # a tensor: 2 at least, as sizes 0 and 1 would be specialised)
+            # a tensor: 2 at least, as sizes 0 and 1 would be specialised; every pool the same number of slots)
+            slots = Dim("slots", min=2)
             shapes = tuple({0: Dim(f"size{i}", min=3, max=model.max_seq_length + 1)} if k == "size"
                            else {symbolic[i]: Dim(f"dim{i}", min=2)} if i in symbolic else None
-                           for i, k in enumerate(kinds) if k in ("size", "tensor"))
+                           for i, k in enumerate(kinds) if k in ("size", "tensor")) + ({0: slots},) * len(pools)
             program = export(module, example, dynamic_shapes=(shapes,), strict=False)
         few_query_attention_pass()(program.graph)
         program.graph_module.recompile()
         return program
+
+
+def paged_caches(model: Transformer) -> list:
+    return [layer.attention.kv_cache for layer in model.layers
+            if isinstance(getattr(layer.attention, "kv_cache", None), PagedKVCache)]
+
+
+def paged_pools(model: Transformer) -> list:
+    """A paged cache's pools, each layer's keys then values: an ExportedStep's last inputs."""
+    return [t for c in paged_caches(model) for t in (c.k_cache, c.v_cache)]
 
 
 def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
@@ -397,7 +412,8 @@ def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
 
 class _StepModule(torch.nn.Module):
     """fn(model, *args) as a module for torch.export: its inputs are the tensor arguments and, for each
-    symbolic size, a tensor of that length plus one; the other arguments are kinds' values."""
+    symbolic size, a tensor of that length plus one; the other arguments are kinds' values; then a paged
+    cache's pools (paged_pools), put in the cache's place for the call."""
 
     def __init__(self, fn, model: Transformer, kinds: list):
         super().__init__()
@@ -407,7 +423,15 @@ class _StepModule(torch.nn.Module):
         inputs = iter(inputs)
         args = [next(inputs).shape[0] - 1 if k == "size" else next(inputs) if k == "tensor" else k
                 for k in self.kinds]
-        return self.fn(self.model, *args)
+        caches = paged_caches(self.model)
+        saved = [(c.k_cache, c.v_cache) for c in caches]
+        try:
+            for c in caches:
+                c.k_cache, c.v_cache = next(inputs), next(inputs)
+            return self.fn(self.model, *args)
+        finally:
+            for c, (k, v) in zip(caches, saved):
+                c.k_cache, c.v_cache = k, v
 
 
 def load_step(path: str, module: torch.nn.Module, constants: dict) -> tuple:
@@ -442,22 +466,26 @@ def found_in(module: torch.nn.Module, name: str, t: torch.Tensor) -> bool:
         return False
 
 
-def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] = None) -> Optional[str]:
+def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] = None,
+              pools: list = ()) -> Optional[str]:
     """A digest of what torch.export's trace of fn(model, *args) depends on, so that a later
     process finds the library compiled from it without tracing: this checkout's code (every .py file beside
     this one, and qkernels.cpp), PyTorch's and Python's versions, the CPU's features, the default dtype; the
     step function; the arguments (a tensor's shape, dtype and strides, or argument_meta's for one with a
     symbolic dimension, symbolic: argument -> dimension; a symbolic size as such; other values as they are);
     and the model: every module's class and attributes (sizes, flags, its config, its hooks' names), and
-    every tensor's name, shape, dtype and strides and which of them are one tensor or share
-    memory. None for a function that closes over values (which it does not name)."""
+    every tensor's name, shape, dtype and strides (pools, a paged cache's: but for their number of slots)
+    and which of them are one tensor or share memory. None for a function that closes over values (which it
+    does not name)."""
     if not isinstance(fn, types.FunctionType) or fn.__closure__:
         return None
     first = {}  # the first name each tensor, and each tensor's memory, was seen under
+    pools = set(map(id, pools))
 
     def plain(name: str, v):
         if isinstance(v, torch.Tensor):
-            return (tensor_meta(v), first.setdefault(("tensor", id(v)), name),
+            meta = argument_meta(v, 0) if id(v) in pools else tensor_meta(v)
+            return (meta, first.setdefault(("tensor", id(v)), name),
                     first.setdefault(("memory", v.untyped_storage().data_ptr()), name))
         if isinstance(v, dict):
             return [(k, plain(f"{name}.{k}", x)) for k, x in v.items()]

@@ -113,8 +113,8 @@ def test_compiled_engine_does_not_recompile_as_requests_come_and_go(tiny, tmp_pa
     if exported and cpu_kernels():
         assert isinstance(engine.decode_fn, ExportedStep) and len(engine.decode_fn.runners) == len(engine.buckets)
         assert len(traces) == len(engine.buckets)
-        later = Engine(engine.model, max_num_seqs=4, kv_cache_tokens=2048, block_size=16,
-                       max_num_batched_tokens=32, compile=True)  # a new cache, of the same size
+        later = Engine(engine.model, max_num_seqs=4, kv_cache_tokens=3072, block_size=16,
+                       max_num_batched_tokens=32, compile=True)  # a new cache, of another size
         later.warm_up()
         assert len(traces) == len(engine.buckets)
         assert [c.token_ids for c in later.generate(prompts, params)] == expected
