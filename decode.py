@@ -394,6 +394,7 @@ class ExportedStep:
 
 
 def paged_caches(model: Transformer) -> list:
+    """The model's layers' PagedKVCache modules (none where its cache is static)."""
     return [layer.attention.kv_cache for layer in model.layers
             if isinstance(getattr(layer.attention, "kv_cache", None), PagedKVCache)]
 
