@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import torch
 
 from errors import UsageError
-from model import PagedKVCache, Transformer
+from model import KVCache, PagedKVCache, Transformer
 from qlinear import C_SHIMS, Int4Linear, Int8Linear, KernelTeam, cpu_features, cpu_kernels
 from sampling import SamplingParams, sample
 
@@ -291,13 +291,13 @@ class CompiledStep:
 class ExportedStep:
     """A decode step compiled ahead of time for the CPU: torch.export traces it, AOTInductor compiles the
     graph into a shared library, and a call runs that library with no Python of PyTorch's in between (no
-    Dynamo frame, guards or AOTAutograd wrapper). The model's tensors (weights, a static KV cache, RoPE
-    tables) are the library's constants, given to it once as pointers to the model's own memory, so a call
-    passes only its few inputs, not hundreds; a paged cache's pools are inputs instead (about 6 us a call
-    for 60 of them), their number of slots symbolic, so that one library serves a pool of any size
-    (serve.py's --kv-cache-tokens). It calls qkernels.cpp's ops directly (qlinear.C_SHIMS); and a step
-    of one token runs with a qlinear.KernelTeam, whose threads read the next weights ahead between the
-    products. A CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small
+    Dynamo frame, guards or AOTAutograd wrapper). The model's weights and RoPE tables are the library's
+    constants, given to it once as pointers to the model's own memory, so a call passes only its few inputs,
+    not hundreds; the KV caches' tensors are inputs (about 6 us a call for 60 of them), their number of
+    slots symbolic, so that one library serves a static cache of any length (generate.py's, which follows
+    the prompt) and a paged pool of any size (serve.py's --kv-cache-tokens). It calls qkernels.cpp's ops
+    directly (qlinear.C_SHIMS); and a step of one token runs with a qlinear.KernelTeam, whose threads read
+    the next weights ahead between the products. A CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small
     quantized model's step: batch-1 steps took 5-9% less time this way (BENCHMARKS.md). For the steps
     that suit it (suits()).
 
@@ -320,14 +320,14 @@ class ExportedStep:
         the weights are not frozen (a frozen graph's packed weights are its own); one process (tensor- and
         pipeline-parallel steps call collectives); a static cache of 2 slots or more, or a paged one."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        paged = bool(paged_caches(model))
+        paged = any(isinstance(c, PagedKVCache) for c in kv_caches(model))
         return (model.dtype_device()[1].type == "cpu" and frozen is None and DynamicInt is not int
                 and (model.max_seq_length >= 2 or paged) and not distributed and bool(cpu_kernels()))
 
     def __call__(self, model: Transformer, *args):
         caches = cache_tensors(model)
         if self.caches is None or any(map(operator.is_not, caches, self.caches)):
-            self.runners, self.caches, self.pools = {}, caches, paged_pools(model)
+            self.runners, self.caches, self.pools = {}, caches, cache_pools(model)
         key = [(a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else DynamicInt if type(a) is DynamicInt
                else (type(a), a) for a in args]
         for i, dim in self.symbolic.items():  # (their varying size left out)
@@ -381,27 +381,34 @@ class ExportedStep:
             # (the pools: new tensors, as the module's own are lifted beside them; left unwritten, so the
             # memory is not touched)
             example = tuple(t.clone() for t in step_inputs(args, lengths)) + tuple(map(torch.empty_like, pools))
-            # (an attended length: 2 slots at least, and no more than the cache has; a symbolic dimension of
-            # a tensor: 2 at least, as sizes 0 and 1 would be specialised; every pool the same number of slots)
+            # (an attended length: 2 slots at least; a symbolic dimension of a tensor: 2 at least, as sizes 0
+            # and 1 would be specialised; every cache the same number of slots)
             slots = Dim("slots", min=2)
-            shapes = tuple({0: Dim(f"size{i}", min=3, max=model.max_seq_length + 1)} if k == "size"
+            shapes = tuple({0: Dim(f"size{i}", min=3)} if k == "size"
                            else {symbolic[i]: Dim(f"dim{i}", min=2)} if i in symbolic else None
-                           for i, k in enumerate(kinds) if k in ("size", "tensor")) + ({0: slots},) * len(pools)
+                           for i, k in enumerate(kinds) if k in ("size", "tensor"))
+            shapes += tuple({slot_dim(p): slots} for p in pools)
             program = export(module, example, dynamic_shapes=(shapes,), strict=False)
         few_query_attention_pass()(program.graph)
         program.graph_module.recompile()
         return program
 
 
-def paged_caches(model: Transformer) -> list:
-    """The model's layers' PagedKVCache modules (none where its cache is static)."""
+def kv_caches(model: Transformer) -> list:
+    """The model's layers' KV caches (KVCache or PagedKVCache modules)."""
     return [layer.attention.kv_cache for layer in model.layers
-            if isinstance(getattr(layer.attention, "kv_cache", None), PagedKVCache)]
+            if isinstance(getattr(layer.attention, "kv_cache", None), (KVCache, PagedKVCache))]
 
 
-def paged_pools(model: Transformer) -> list:
-    """A paged cache's pools, each layer's keys then values: an ExportedStep's last inputs."""
-    return [t for c in paged_caches(model) for t in (c.k_cache, c.v_cache)]
+def cache_pools(model: Transformer) -> list:
+    """The KV caches' tensors, each layer's keys then values: an ExportedStep's last inputs."""
+    return [t for c in kv_caches(model) for t in (c.k_cache, c.v_cache)]
+
+
+def slot_dim(pool: torch.Tensor) -> int:
+    """The dimension of a cache's tensor that counts its slots: a static cache's [B, H_kv, slots, D], a
+    paged one's [slots, H_kv, D]."""
+    return 2 if pool.dim() == 4 else 0
 
 
 def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
@@ -413,8 +420,8 @@ def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
 
 class _StepModule(torch.nn.Module):
     """fn(model, *args) as a module for torch.export: its inputs are the tensor arguments and, for each
-    symbolic size, a tensor of that length plus one; the other arguments are kinds' values; then a paged
-    cache's pools (paged_pools), put in the cache's place for the call."""
+    symbolic size, a tensor of that length plus one; the other arguments are kinds' values; then the KV
+    caches' tensors (cache_pools), put in the caches' place for the call."""
 
     def __init__(self, fn, model: Transformer, kinds: list):
         super().__init__()
@@ -424,7 +431,7 @@ class _StepModule(torch.nn.Module):
         inputs = iter(inputs)
         args = [next(inputs).shape[0] - 1 if k == "size" else next(inputs) if k == "tensor" else k
                 for k in self.kinds]
-        caches = paged_caches(self.model)
+        caches = kv_caches(self.model)
         saved = [(c.k_cache, c.v_cache) for c in caches]
         try:
             for c in caches:
@@ -474,10 +481,10 @@ def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] 
     this one, and qkernels.cpp), PyTorch's and Python's versions, the CPU's features, the default dtype; the
     step function; the arguments (a tensor's shape, dtype and strides, or argument_meta's for one with a
     symbolic dimension, symbolic: argument -> dimension; a symbolic size as such; other values as they are);
-    and the model: every module's class and attributes (sizes, flags, its config, its hooks' names), and
-    every tensor's name, shape, dtype and strides (pools, a paged cache's: but for their number of slots)
-    and which of them are one tensor or share memory. None for a function that closes over values (which it
-    does not name)."""
+    and the model: every module's class and attributes (sizes, flags, its config, its hooks' names; but the
+    static cache's length where an argument is the attended length), and every tensor's name, shape, dtype
+    and strides (pools, the KV caches' tensors: but for their number of slots) and which of them are one
+    tensor or share memory. None for a function that closes over values (which it does not name)."""
     if not isinstance(fn, types.FunctionType) or fn.__closure__:
         return None
     first = {}  # the first name each tensor, and each tensor's memory, was seen under
@@ -485,7 +492,7 @@ def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] 
 
     def plain(name: str, v):
         if isinstance(v, torch.Tensor):
-            meta = argument_meta(v, 0) if id(v) in pools else tensor_meta(v)
+            meta = argument_meta(v, slot_dim(v)) if id(v) in pools else tensor_meta(v)
             return (meta, first.setdefault(("tensor", id(v)), name),
                     first.setdefault(("memory", v.untyped_storage().data_ptr()), name))
         if isinstance(v, dict):
@@ -503,11 +510,15 @@ def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] 
     symbolic = symbolic or {}
     parts += [("size",) if type(a) is DynamicInt else argument_meta(a, symbolic[i]) if i in symbolic else plain("", a)
               for i, a in enumerate(args)]
+    # A step given its attended length (model.forward's kv_len) reads the static cache's length nowhere but
+    # in the caches' size, which its library takes as symbolic: that length is left out, so that one
+    # library serves a cache of any length.
+    length = "max_seq_length" if any(type(a) is DynamicInt for a in args) else None
     for name, m in model.named_modules(remove_duplicate=False):
         parts.append((name, type(m).__module__, type(m).__qualname__))
         # (_parameters and _buffers name the tensors by their module's name: theirs, with a dot)
         parts += [(k, plain(name if k in ("_parameters", "_buffers") else f"{name}.{k}", v))
-                  for k, v in sorted(vars(m).items()) if k != "_modules"]
+                  for k, v in sorted(vars(m).items()) if k != "_modules" and not (m is model and k == length)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 

@@ -238,7 +238,8 @@ def cache_length(o: Options, context: int, prompts_ids: list) -> int:
     if need > context:
         raise UsageError(f"the prompt ({longest} tokens) plus --max-new-tokens ({max_new}) exceeds "
                          f"the model's context of {context} tokens")
-    # Rounded up so that compiled graphs (and their on-disk cache) serve nearby lengths too.
+    # Rounded up so that torch.compile's graphs serve nearby lengths too (a CPU step compiled ahead of time,
+    # decode.ExportedStep, serves any).
     cache_len = o.max_seq_len or min(context, -(-need // 256) * 256)
     if need > cache_len:
         raise UsageError(f"--max-seq-len {cache_len} is shorter than the prompt plus --max-new-tokens ({need})")

@@ -250,8 +250,9 @@ def test_compiled_step_follows_new_caches_and_lets_the_old_go(tiny):
 def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(tiny, tmp_path, monkeypatch):
     """A CPU decode step compiled ahead of time (decode.ExportedStep) goes into the step cache as one whole
     file, with an index named by its trace_key; a second Steps, as a later process would, finds it there
-    without tracing or compiling. An index that names a file that cannot be loaded costs a trace, not a
-    wrong step; and what the trace depends on changes the key."""
+    without tracing or compiling, over a cache of another length too (the caches are the library's inputs,
+    their length symbolic). An index that names a file that cannot be loaded costs a trace, not a wrong
+    step; and what the trace depends on changes the key."""
     if not qlinear.cpu_kernels():
         pytest.skip("qkernels.cpp is not built here: no step is exported")
     import torch._inductor
@@ -260,7 +261,7 @@ def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(
     export = G.ExportedStep.export
     monkeypatch.setattr(G.ExportedStep, "export", staticmethod(lambda *a: traces.append(1) or export(*a)))
     _, model, _ = tiny
-    model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)
+    model.setup_caches(max_batch_size=1, max_seq_length=G.KV_BLOCK)
     try:
         prompt = list(range(1, 20))
         eager = run(model, prompt, 4)
@@ -272,6 +273,12 @@ def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(
         monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled again"))
         assert run(model, prompt, 4, steps=Steps(model, compile=True)) == eager and len(traces) == 1
         assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == files
+        model.setup_caches(max_batch_size=1, max_seq_length=2 * G.KV_BLOCK)  # another length: the same library
+        long_prompt = [i % 127 + 1 for i in range(G.KV_BLOCK + 20)]  # past the first cache's length
+        long_eager = run(model, long_prompt, 4)
+        assert run(model, long_prompt, 4, steps=Steps(model, compile=True)) == long_eager and len(traces) == 1
+        assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == files
+        model.setup_caches(max_batch_size=1, max_seq_length=G.KV_BLOCK)
         # a file cut short: traced again, and the library found by the graph's digest, not compiled again
         (tmp_path / "steps" / "step-cut.pt2").write_bytes(b"PK\x03\x04")
         index.write_text("step-cut.pt2")
@@ -279,7 +286,7 @@ def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(
         assert index.read_text() == files[0]
 
         def key(model, *args, fn=G.decode_step):
-            return G.trace_key(fn, model, args)
+            return G.trace_key(fn, model, args, pools=G.cache_pools(model))
         args = (torch.tensor([5]), torch.tensor([50]), None, G.attended_length(model, 51), 0.0, None, None)
         assert key(model, *args) == index.name[len("trace-"):-len(".txt")]
         assert key(model, *args[:3], G.attended_length(model, 90), *args[4:]) == key(model, *args)  # symbolic
@@ -287,8 +294,8 @@ def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(
         assert key(model, torch.tensor([[5]]), *args[1:]) != key(model, *args)  # another shape
         assert key(model, *args, fn=G.prefill) != key(model, *args)
         assert key(model, *args, fn=lambda m, *a: G.decode_step(m, *a) if traces else None) is None  # a closure
-        model.setup_caches(max_batch_size=1, max_seq_length=3 * G.KV_BLOCK)
-        assert key(model, *args) != index.name[len("trace-"):-len(".txt")]  # the caches' size
+        model.setup_caches(max_batch_size=2, max_seq_length=G.KV_BLOCK)
+        assert key(model, *args) != index.name[len("trace-"):-len(".txt")]  # the caches' rows
     finally:
         model.setup_caches(max_batch_size=3, max_seq_length=3 * G.KV_BLOCK)
 
