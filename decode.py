@@ -297,9 +297,9 @@ class ExportedStep:
     slots symbolic, so that one library serves a static cache of any length (generate.py's, which follows
     the prompt) and a paged pool of any size (serve.py's --kv-cache-tokens). It calls qkernels.cpp's ops
     directly (qlinear.C_SHIMS); and a step of one token runs with a qlinear.KernelTeam, whose threads read
-    the next weights ahead between the products. A CompiledStep spends about half a millisecond a call outside its graph, a tenth of a small
-    quantized model's step: batch-1 steps took 5-9% less time this way (BENCHMARKS.md). For the steps
-    that suit it (suits()).
+    the next weights ahead between the products. A CompiledStep spends about half a millisecond a call
+    outside its graph, a tenth of a small quantized model's step: batch-1 steps took 5-9% less time this
+    way (BENCHMARKS.md). For the steps that suit it (suits()).
 
     fn(model, *args): a tensor argument is an input of the shape it had; a DynamicInt (attended_length) a
     symbolic size, passed as the length of a view of a buffer (AOTInductor takes tensors only); anything

@@ -125,9 +125,10 @@ class Engine:
         self.buckets = sorted({min(1 << i, max_num_seqs) for i in range(max_num_seqs.bit_length() + 1)})
         # Compiled: on the CPU, where qkernels.cpp is built, a decode.ExportedStep per batch size, its
         # attended length symbolic (the read slots' second dimension), found on disk by later processes
-        # whatever their pool's size (its pools are inputs); else torch.compile's. Attention is qkernels.cpp's where that is built, else PyTorch's kernel:
-        # either reads the gathered K/V once, where Inductor's loops over a few queries
-        # (decode.inductor_options) would gather them again for each query row.
+        # whatever their pool's size (its pools are inputs); else torch.compile's. Attention is
+        # qkernels.cpp's where that is built, else PyTorch's kernel: either reads the gathered K/V once,
+        # where Inductor's loops over a few queries (decode.inductor_options) would gather them again for
+        # each query row.
         self.decode_fn = (Steps(model).compiled_for(model, paged_logits, None, symbolic_dims=[(3, 1)],
                                                     loop_attention=False) if compile else paged_logits)
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
