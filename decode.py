@@ -291,11 +291,11 @@ class CompiledStep:
 class ExportedStep:
     """A decode step compiled ahead of time for the CPU: torch.export traces it, AOTInductor compiles the
     graph into a shared library, and a call runs that library with no Python of PyTorch's in between (no
-    Dynamo frame, guards or AOTAutograd wrapper). The model's weights and RoPE tables are the library's
-    constants, given to it once as pointers to the model's own memory, so a call passes only its few inputs,
-    not hundreds; the KV caches' tensors are inputs (about 6 us a call for 60 of them), their number of
-    slots symbolic, so that one library serves a static cache of any length (generate.py's, which follows
-    the prompt) and a paged pool of any size (serve.py's --kv-cache-tokens). It calls qkernels.cpp's ops
+    Dynamo frame, guards or AOTAutograd wrapper). The model's weights are the library's constants, given to
+    it once as pointers to the model's own memory, so a call passes only its few inputs, not hundreds; the
+    KV caches' tensors and the RoPE tables are inputs (about 6 us a call for 60 of them), their length
+    symbolic, so that one library serves a static cache of any length (generate.py's, which follows the
+    prompt) and a paged pool of any size (serve.py's --kv-cache-tokens). It calls qkernels.cpp's ops
     directly (qlinear.C_SHIMS); and a step of one token runs with a qlinear.KernelTeam, whose threads read
     the next weights ahead between the products. A CompiledStep spends about half a millisecond a call
     outside its graph, a tenth of a small quantized model's step: batch-1 steps took 5-9% less time this
@@ -327,7 +327,7 @@ class ExportedStep:
     def __call__(self, model: Transformer, *args):
         caches = cache_tensors(model)
         if self.caches is None or any(map(operator.is_not, caches, self.caches)):
-            self.runners, self.caches, self.pools = {}, caches, cache_pools(model)
+            self.runners, self.caches, self.pools = {}, caches, cache_inputs(model)
         key = [(a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else DynamicInt if type(a) is DynamicInt
                else (type(a), a) for a in args]
         for i, dim in self.symbolic.items():  # (their varying size left out)
@@ -378,16 +378,16 @@ class ExportedStep:
         """module's call traced by torch.export, its attention given to qkernels.cpp (few_query_attention_pass)."""
         from torch.export import Dim, export
         with torch.inference_mode(False), torch.no_grad():  # (export's example inputs: no inference tensors)
-            # (the pools: new tensors, as the module's own are lifted beside them; left unwritten, so the
-            # memory is not touched)
+            # (the caches and tables: new tensors, as the module's own are lifted beside them; left unwritten,
+            # so the memory is not touched)
             example = tuple(t.clone() for t in step_inputs(args, lengths)) + tuple(map(torch.empty_like, pools))
             # (an attended length: 2 slots at least; a symbolic dimension of a tensor: 2 at least, as sizes 0
-            # and 1 would be specialised; every cache the same number of slots)
-            slots = Dim("slots", min=2)
+            # and 1 would be specialised; every cache the same number of slots, both tables of positions)
+            lengths_of = {"slots": Dim("slots", min=2), "positions": Dim("positions", min=2)}
             shapes = tuple({0: Dim(f"size{i}", min=3)} if k == "size"
                            else {symbolic[i]: Dim(f"dim{i}", min=2)} if i in symbolic else None
                            for i, k in enumerate(kinds) if k in ("size", "tensor"))
-            shapes += tuple({slot_dim(p): slots} for p in pools)
+            shapes += tuple({length_dim(p)[0]: lengths_of[length_dim(p)[1]]} for p in pools)
             program = export(module, example, dynamic_shapes=(shapes,), strict=False)
         few_query_attention_pass()(program.graph)
         program.graph_module.recompile()
@@ -400,15 +400,16 @@ def kv_caches(model: Transformer) -> list:
             if isinstance(getattr(layer.attention, "kv_cache", None), (KVCache, PagedKVCache))]
 
 
-def cache_pools(model: Transformer) -> list:
-    """The KV caches' tensors, each layer's keys then values: an ExportedStep's last inputs."""
-    return [t for c in kv_caches(model) for t in (c.k_cache, c.v_cache)]
+def cache_inputs(model: Transformer) -> list:
+    """The model's tensors whose size follows its caches' (setup_caches, setup_paged_cache): each layer's keys
+    then values, and the RoPE tables. An ExportedStep's last inputs."""
+    return [t for c in kv_caches(model) for t in (c.k_cache, c.v_cache)] + [model.rope_cos, model.rope_sin]
 
 
-def slot_dim(pool: torch.Tensor) -> int:
-    """The dimension of a cache's tensor that counts its slots: a static cache's [B, H_kv, slots, D], a
-    paged one's [slots, H_kv, D]."""
-    return 2 if pool.dim() == 4 else 0
+def length_dim(t: torch.Tensor) -> tuple:
+    """The dimension of a cache_inputs tensor that follows the caches' size, and what it counts: a static
+    cache's [B, H_kv, slots, D], a paged one's [slots, H_kv, D], a RoPE table's [positions, D / 2]."""
+    return {4: (2, "slots"), 3: (0, "slots"), 2: (0, "positions")}[t.dim()]
 
 
 def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
@@ -421,7 +422,7 @@ def step_inputs(args: tuple, lengths: torch.Tensor) -> list:
 class _StepModule(torch.nn.Module):
     """fn(model, *args) as a module for torch.export: its inputs are the tensor arguments and, for each
     symbolic size, a tensor of that length plus one; the other arguments are kinds' values; then the KV
-    caches' tensors (cache_pools), put in the caches' place for the call."""
+    caches' tensors and the RoPE tables (cache_inputs), put in the model's own place for the call."""
 
     def __init__(self, fn, model: Transformer, kinds: list):
         super().__init__()
@@ -431,15 +432,17 @@ class _StepModule(torch.nn.Module):
         inputs = iter(inputs)
         args = [next(inputs).shape[0] - 1 if k == "size" else next(inputs) if k == "tensor" else k
                 for k in self.kinds]
-        caches = kv_caches(self.model)
-        saved = [(c.k_cache, c.v_cache) for c in caches]
+        model, caches = self.model, kv_caches(self.model)
+        saved = [(c.k_cache, c.v_cache) for c in caches], (model.rope_cos, model.rope_sin)
         try:
             for c in caches:
                 c.k_cache, c.v_cache = next(inputs), next(inputs)
-            return self.fn(self.model, *args)
+            model.rope_cos, model.rope_sin = next(inputs), next(inputs)
+            return self.fn(model, *args)
         finally:
-            for c, (k, v) in zip(caches, saved):
+            for c, (k, v) in zip(caches, saved[0]):
                 c.k_cache, c.v_cache = k, v
+            model.rope_cos, model.rope_sin = saved[1]
 
 
 def load_step(path: str, module: torch.nn.Module, constants: dict) -> tuple:
@@ -483,7 +486,7 @@ def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] 
     symbolic dimension, symbolic: argument -> dimension; a symbolic size as such; other values as they are);
     and the model: every module's class and attributes (sizes, flags, its config, its hooks' names; but the
     static cache's length where an argument is the attended length), and every tensor's name, shape, dtype
-    and strides (pools, the KV caches' tensors: but for their number of slots) and which of them are one
+    and strides (pools, cache_inputs' tensors: but for their length_dim) and which of them are one
     tensor or share memory. None for a function that closes over values (which it does not name)."""
     if not isinstance(fn, types.FunctionType) or fn.__closure__:
         return None
@@ -492,7 +495,7 @@ def trace_key(fn, model: torch.nn.Module, args: tuple, symbolic: Optional[dict] 
 
     def plain(name: str, v):
         if isinstance(v, torch.Tensor):
-            meta = argument_meta(v, slot_dim(v)) if id(v) in pools else tensor_meta(v)
+            meta = argument_meta(v, length_dim(v)[0]) if id(v) in pools else tensor_meta(v)
             return (meta, first.setdefault(("tensor", id(v)), name),
                     first.setdefault(("memory", v.untyped_storage().data_ptr()), name))
         if isinstance(v, dict):

@@ -239,9 +239,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length + 1, self.args.n_kv_heads,
                                                self.args.head_dim, dtype, device)
-        # RoPE tables for the model's whole context (or the cache, if longer), whatever the cache's length:
-        # then only the caches' size follows it (positions past the cache are never looked up).
-        self.setup_rope(max(max_seq_length, self.args.max_seq_len))
+        self.setup_rope(max_seq_length)
 
     def setup_paged_cache(self, num_blocks: int, block_size: int):
         """Allocate a paged KV cache of num_blocks blocks of block_size slots per layer (replacing any

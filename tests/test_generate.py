@@ -286,7 +286,7 @@ def test_an_exported_step_is_written_whole_once_and_found_after_without_tracing(
         assert index.read_text() == files[0]
 
         def key(model, *args, fn=G.decode_step):
-            return G.trace_key(fn, model, args, pools=G.cache_pools(model))
+            return G.trace_key(fn, model, args, pools=G.cache_inputs(model))
         args = (torch.tensor([5]), torch.tensor([50]), None, G.attended_length(model, 51), 0.0, None, None)
         assert key(model, *args) == index.name[len("trace-"):-len(".txt")]
         assert key(model, *args[:3], G.attended_length(model, 90), *args[4:]) == key(model, *args)  # symbolic
