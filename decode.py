@@ -387,7 +387,7 @@ class ExportedStep:
             shapes = tuple({0: Dim(f"size{i}", min=3)} if k == "size"
                            else {symbolic[i]: Dim(f"dim{i}", min=2)} if i in symbolic else None
                            for i, k in enumerate(kinds) if k in ("size", "tensor"))
-            shapes += tuple({length_dim(p)[0]: lengths_of[length_dim(p)[1]]} for p in pools)
+            shapes += tuple({dim: lengths_of[counted]} for dim, counted in map(length_dim, pools))
             program = export(module, example, dynamic_shapes=(shapes,), strict=False)
         few_query_attention_pass()(program.graph)
         program.graph_module.recompile()
@@ -400,10 +400,16 @@ def kv_caches(model: Transformer) -> list:
             if isinstance(getattr(layer.attention, "kv_cache", None), (KVCache, PagedKVCache))]
 
 
+def cache_places(model: Transformer) -> list:
+    """Where the model holds the tensors whose size follows its caches' (setup_caches, setup_paged_cache), as
+    (module, attribute) pairs: each layer's keys then values, and the RoPE tables."""
+    places = [(c, name) for c in kv_caches(model) for name in ("k_cache", "v_cache")]
+    return places + [(model, "rope_cos"), (model, "rope_sin")]
+
+
 def cache_inputs(model: Transformer) -> list:
-    """The model's tensors whose size follows its caches' (setup_caches, setup_paged_cache): each layer's keys
-    then values, and the RoPE tables. An ExportedStep's last inputs."""
-    return [t for c in kv_caches(model) for t in (c.k_cache, c.v_cache)] + [model.rope_cos, model.rope_sin]
+    """The tensors at cache_places: an ExportedStep's last inputs."""
+    return [getattr(m, name) for m, name in cache_places(model)]
 
 
 def length_dim(t: torch.Tensor) -> tuple:
@@ -432,17 +438,15 @@ class _StepModule(torch.nn.Module):
         inputs = iter(inputs)
         args = [next(inputs).shape[0] - 1 if k == "size" else next(inputs) if k == "tensor" else k
                 for k in self.kinds]
-        model, caches = self.model, kv_caches(self.model)
-        saved = [(c.k_cache, c.v_cache) for c in caches], (model.rope_cos, model.rope_sin)
+        places = cache_places(self.model)
+        saved = [getattr(m, name) for m, name in places]
         try:
-            for c in caches:
-                c.k_cache, c.v_cache = next(inputs), next(inputs)
-            model.rope_cos, model.rope_sin = next(inputs), next(inputs)
-            return self.fn(model, *args)
+            for (m, name), t in zip(places, inputs):
+                setattr(m, name, t)
+            return self.fn(self.model, *args)
         finally:
-            for c, (k, v) in zip(caches, saved[0]):
-                c.k_cache, c.v_cache = k, v
-            model.rope_cos, model.rope_sin = saved[1]
+            for (m, name), t in zip(places, saved):
+                setattr(m, name, t)
 
 
 def load_step(path: str, module: torch.nn.Module, constants: dict) -> tuple:
